@@ -1,0 +1,240 @@
+//! Server assembly: turns a validated [`Config`] into a Pingora [`Server`] with its services.
+//!
+//! Everything that can fail (certificates, addresses) is checked here, before `bootstrap()`, so
+//! `arkgate -t` validates all of it. Services: the proxy (one per listener group), the DNS
+//! refresher, the drain watcher, and the admin listener (`/metrics`, `/healthz`).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::apps::{HttpServerOptions, ServerApp};
+use pingora::protocols::Stream;
+use pingora::listeners::tls::TlsSettings;
+use pingora::protocols::http::ServerSession;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{ExecutionPhase, Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use pingora_proxy::http_proxy;
+use tokio::sync::broadcast;
+
+use crate::config::{Config, ConfigError, Listener};
+use crate::metrics::{self, METRICS};
+use crate::proxy::Gateway;
+use crate::upstream::{DnsRefresher, UpstreamPool};
+
+/// Builds the server and all its services. Does not bind or fork: `main` (or a test) calls
+/// `bootstrap()` and `run*()` afterwards.
+pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
+    // Our file is not Pingora's: its `server:` section is mapped into ServerConf below.
+    opt.conf = None;
+    let conf = server_conf(&cfg);
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    let cfg = Arc::new(cfg);
+    let pool = UpstreamPool::new(cfg.upstream.clone());
+    if cfg.upstream.tls && !cfg.upstream.tls_verify {
+        log::warn!("upstream certificate verification is OFF (upstream.tls_verify: false)");
+    }
+
+    // Listeners that share server options share a service: plain, plain+h2c, TLS.
+    let groups: [(&str, fn(&Listener) -> bool, bool); 3] = [
+        ("arkgate http", |l| l.tls.is_none() && !l.h2c, false),
+        ("arkgate h2c", |l| l.tls.is_none() && l.h2c, false),
+        ("arkgate tls", |l| l.tls.is_some(), true),
+    ];
+    for (name, pick, tls) in groups {
+        let listeners: Vec<&Listener> = cfg.listeners.iter().filter(|l| pick(l)).collect();
+        if listeners.is_empty() {
+            continue;
+        }
+        let gateway = Gateway::new(cfg.clone(), pool.clone(), tls);
+        let mut proxy = http_proxy(&server.configuration, gateway);
+        let mut options = HttpServerOptions::default();
+        options.h2c = listeners.iter().any(|l| l.h2c);
+        options.h2_idle_timeout = Some(cfg.downstream.h2_idle_timeout);
+        proxy.server_options = Some(options);
+        let mut h2 = pingora::protocols::http::v2::server::H2Options::new();
+        h2.max_concurrent_streams(cfg.downstream.h2_max_concurrent_streams)
+            .max_header_list_size(header_list_limit(&cfg));
+        proxy.h2_options = Some(h2);
+        let app = Draining {
+            inner: Arc::new(proxy),
+            drain: drain_period(&cfg),
+        };
+        let mut svc = Service::new(name.to_string(), app);
+        for l in listeners {
+            let addr = l.addr.to_string();
+            match &l.tls {
+                None => svc.add_tcp(&addr),
+                Some(files) => {
+                    let settings = tls_settings(files)?;
+                    svc.add_tls_with_settings(&addr, None, settings);
+                }
+            }
+        }
+        server.add_service(svc);
+    }
+
+    if pool.needs_dns() {
+        server.add_service(background_service(
+            "dns refresher",
+            DnsRefresher { pool: pool.clone() },
+        ));
+    }
+    server.add_service(background_service(
+        "drain watcher",
+        DrainWatcher(server.watch_execution_phase()),
+    ));
+    if let Some(addr) = cfg.admin_addr {
+        let mut admin = Service::new("arkgate admin".to_string(), AdminApp);
+        admin.add_tcp(&addr.to_string());
+        server.add_service(admin);
+    }
+    Ok(server)
+}
+
+fn tls_settings(files: &crate::config::TlsFiles) -> Result<TlsSettings, ConfigError> {
+    let path = |p: &std::path::Path| -> Result<String, ConfigError> {
+        if !p.is_file() {
+            return Err(ConfigError(format!(
+                "listen tls: {} is not a readable file",
+                p.display()
+            )));
+        }
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| ConfigError(format!("listen tls: {} is not UTF-8", p.display())))
+    };
+    let cert = path(&files.cert_path)?;
+    let key = path(&files.key_path)?;
+    let mut settings = TlsSettings::intermediate(&cert, &key).map_err(|e| {
+        ConfigError(format!(
+            "listen tls: cannot use certificate {cert} with key {key}: {}",
+            e.root_cause()
+        ))
+    })?;
+    settings
+        .check_private_key()
+        .map_err(|_| ConfigError(format!("listen tls: key {key} does not match certificate {cert}")))?;
+    settings.enable_h2();
+    Ok(settings)
+}
+
+/// Pingora's settings, from the `server:` and `upstream:` sections.
+fn server_conf(cfg: &Config) -> ServerConf {
+    let s = &cfg.server;
+    ServerConf {
+        threads: s.threads,
+        pid_file: s.pid_file.clone(),
+        upgrade_sock: s.upgrade_sock.clone(),
+        daemon: s.daemon,
+        error_log: s.error_log.clone(),
+        grace_period_seconds: Some(s.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout_seconds),
+        upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+        work_stealing: s.work_stealing,
+        ca_file: cfg
+            .upstream
+            .ca_file
+            .as_ref()
+            .and_then(|p| p.to_str())
+            .map(str::to_string),
+        ..ServerConf::default()
+    }
+}
+
+/// HTTP/2's own header-list cap (RFC 9113 counts 32 bytes of overhead per field), matching the
+/// HTTP/1.1 check in the proxy, which answers 431.
+fn header_list_limit(cfg: &Config) -> u32 {
+    let d = &cfg.downstream;
+    u32::try_from(d.max_header_bytes + 32 * d.max_headers).unwrap_or(u32::MAX)
+}
+
+/// How long idle keep-alive connections stay open after shutdown starts: the grace period less
+/// one second, so they close before the runtimes are stopped.
+fn drain_period(cfg: &Config) -> std::time::Duration {
+    std::time::Duration::from_secs(cfg.server.grace_period_seconds.saturating_sub(1))
+}
+
+/// Wraps the proxy app to make shutdown and graceful upgrade lossless for HTTP/1.1 keep-alive.
+///
+/// Pingora's own cleanup, run as soon as the listeners stop, aborts every keep-alive connection
+/// that is waiting for its next request. A client that is sending a request on one of them at
+/// that moment sees a reset. Deferring the cleanup keeps those connections readable during the
+/// drain: a request that arrives is served normally, with keep-alive off (Pingora does that once
+/// shutdown is flagged), so the client learns from `Connection: close` to reconnect, and reaches
+/// the new process. Connections still idle at the end of the drain are closed then.
+struct Draining<A> {
+    inner: Arc<A>,
+    drain: std::time::Duration,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Draining<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        session: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        self.inner.process_new(session, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        tokio::time::sleep(self.drain).await;
+        self.inner.cleanup().await;
+    }
+}
+
+/// Flips the process into "draining" (health 503) when shutdown or an upgrade starts.
+struct DrainWatcher(broadcast::Receiver<ExecutionPhase>);
+
+#[async_trait]
+impl BackgroundService for DrainWatcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut phases = self.0.resubscribe();
+        loop {
+            tokio::select! {
+                phase = phases.recv() => match phase {
+                    Ok(ExecutionPhase::GracefulUpgradeTransferringFds
+                        | ExecutionPhase::GracefulUpgradeCloseTimeout
+                        | ExecutionPhase::GracefulTerminate
+                        | ExecutionPhase::ShutdownStarted) => METRICS.set_draining(),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = shutdown.changed() => {
+                    METRICS.set_draining();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The admin listener: `/metrics` (Prometheus text) and `/healthz` (200, or 503 while draining).
+pub struct AdminApp;
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path();
+        let (status, ctype, body) = match path {
+            "/metrics" => (
+                200,
+                "text/plain; version=0.0.4",
+                metrics::render().into_bytes(),
+            ),
+            "/healthz" if METRICS.is_draining() => (503, "text/plain", b"draining\n".to_vec()),
+            "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
+            _ => (404, "text/plain", b"not found\n".to_vec()),
+        };
+        Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, ctype)
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,26 @@
+//! arkgate: an edge proxy for OpenAI-compatible LLM APIs (Volcengine ARK), built on Pingora.
+//!
+//! It forwards every request to the configured upstream base URL, rewrites request and response
+//! bodies by byte rules while they stream, or hands the model a `json_schema` in a system message
+//! (see [`structured`]), and answers failures with OpenAI-style JSON errors.
+//!
+//! # Layout
+//! - [`config`]: the YAML file's shape and its validation into a typed, ready-to-run `Config`.
+//! - [`app`]: builds the Pingora server and its services from a `Config`; the admin listener.
+//! - [`proxy`]: the `ProxyHttp` implementation, hook by hook along a request's path.
+//! - [`rewrite`]: the streaming byte replacer (pure; no Pingora types).
+//! - [`structured`]: the schema-aware `json_schema` downgrade (pure JSON transform + policy).
+//! - [`upstream`]: upstream addresses resolved off the request path, and the peers built from them.
+//! - [`error`]: request-time error types and their single mapping to an HTTP status and JSON body.
+//! - [`metrics`]: counters and histograms in one static, rendered for Prometheus.
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod rewrite;
+pub mod structured;
+pub mod upstream;
+
+pub use config::{Config, ConfigError};
