@@ -25,6 +25,9 @@ use crate::metrics::{self, METRICS};
 use crate::proxy::Gateway;
 use crate::upstream::{DnsRefresher, UpstreamPool};
 
+/// A service name, which listeners it takes, and whether they are TLS.
+type ListenerGroup = (&'static str, fn(&Listener) -> bool, bool);
+
 /// Builds the server and all its services. Does not bind or fork: `main` (or a test) calls
 /// `bootstrap()` and `run*()` afterwards.
 pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
@@ -39,7 +42,7 @@ pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
     }
 
     // Listeners that share server options share a service: plain, plain+h2c, TLS.
-    let groups: [(&str, fn(&Listener) -> bool, bool); 3] = [
+    let groups: [ListenerGroup; 3] = [
         ("arkgate http", |l| l.tls.is_none() && !l.h2c, false),
         ("arkgate h2c", |l| l.tls.is_none() && l.h2c, false),
         ("arkgate tls", |l| l.tls.is_some(), true),

@@ -239,6 +239,7 @@ impl Default for RawForwarded {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawDownstream {
+    /// 0 turns client keep-alive off.
     keepalive_timeout_s: u64,
     client_timeout_ms: u64,
     h2_idle_timeout_s: u64,

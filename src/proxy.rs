@@ -226,7 +226,11 @@ impl Gateway {
         if failed || status >= 500 || status == 0 {
             return true;
         }
-        self.log_every != 0 && self.log_counter.fetch_add(1, Relaxed) % self.log_every == 0
+        self.log_every != 0
+            && self
+                .log_counter
+                .fetch_add(1, Relaxed)
+                .is_multiple_of(self.log_every)
     }
 }
 
@@ -296,7 +300,16 @@ impl ProxyHttp for Gateway {
         let down = &self.cfg.downstream;
         session.set_read_timeout(Some(down.client_timeout));
         session.set_write_timeout(Some(down.client_timeout));
-        session.set_keepalive(Some(down.keepalive_timeout.as_secs()));
+        // Only the idle timeout is ours to choose. Keep-alive that Pingora already turned off (the
+        // client asked to close, HTTP/1.0, or the request arrived after shutdown began) stays
+        // off: re-enabling it during a drain would keep clients on a connection that is dropped
+        // when the drain ends. Once draining, answer with `Connection: close` so clients move
+        // to the new process while both still accept.
+        if session.get_keepalive().is_some() {
+            let keep = down.keepalive_timeout.as_secs();
+            let keep = (keep > 0 && !METRICS.is_draining()).then_some(keep);
+            session.set_keepalive(keep);
+        }
 
         let headers = &session.req_header().headers;
         let header_bytes: usize = headers
