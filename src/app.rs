@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::apps::{HttpServerOptions, ServerApp};
-use pingora::protocols::Stream;
 use pingora::listeners::tls::TlsSettings;
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -118,9 +118,11 @@ fn tls_settings(files: &crate::config::TlsFiles) -> Result<TlsSettings, ConfigEr
             e.root_cause()
         ))
     })?;
-    settings
-        .check_private_key()
-        .map_err(|_| ConfigError(format!("listen tls: key {key} does not match certificate {cert}")))?;
+    settings.check_private_key().map_err(|_| {
+        ConfigError(format!(
+            "listen tls: key {key} does not match certificate {cert}"
+        ))
+    })?;
     settings.enable_h2();
     Ok(settings)
 }

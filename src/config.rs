@@ -418,7 +418,9 @@ impl Cidr {
         };
         match (self.net, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
@@ -519,13 +521,13 @@ impl RawConfig {
                 format!("{} is not between 0 and 1", logging.sample_rate),
             ));
         }
-        let admin_addr = match self.admin.addr {
-            None => None,
-            Some(a) => Some(
-                a.parse()
-                    .map_err(|_| invalid("admin.addr", format!("`{a}` is not an IP:port address")))?,
-            ),
-        };
+        let admin_addr =
+            match self.admin.addr {
+                None => None,
+                Some(a) => Some(a.parse().map_err(|_| {
+                    invalid("admin.addr", format!("`{a}` is not an IP:port address"))
+                })?),
+            };
         let server = self.server.validate()?;
         let mut trusted_proxies = Vec::new();
         for (i, c) in self.forwarded.trusted_proxies.iter().enumerate() {
@@ -584,13 +586,31 @@ impl RawConfig {
 fn compile_rules(rules: Vec<RawRule>) -> Result<(RuleSet, RuleSet), ConfigError> {
     let mut request = Vec::new();
     let mut response = Vec::new();
-    for (i, r) in rules.into_iter().enumerate() {
+    for (i, r) in rules.iter().enumerate() {
         if r.on.is_empty() {
             return Err(invalid(
                 &format!("rewrite[{i}].on"),
                 "must name request, response or both",
             ));
         }
+        if r.find.is_empty() {
+            return Err(invalid(&format!("rewrite[{i}].find"), "must not be empty"));
+        }
+        let shares_direction = |other: &RawRule| r.on.iter().any(|d| other.on.contains(d));
+        if let Some(j) = rules[..i]
+            .iter()
+            .position(|earlier| shares_direction(earlier) && r.find.starts_with(&earlier.find))
+        {
+            return Err(invalid(
+                &format!("rewrite[{i}].find"),
+                format!(
+                    "can never match: rewrite[{j}] (`{}`) matches at the same place first",
+                    rules[j].find
+                ),
+            ));
+        }
+    }
+    for r in rules {
         let pair = (r.find.into_bytes(), r.replace.into_bytes());
         if r.on.contains(&Direction::Request) {
             request.push(pair.clone());
@@ -642,8 +662,12 @@ impl RawUpstream {
             format!("{}:{port}", bracket_v6(&hostname))
         };
         let host = self.host.unwrap_or(default_host);
-        let host_header = HeaderValue::from_str(&host)
-            .map_err(|_| invalid("upstream.host", format!("`{host}` is not a valid header value")))?;
+        let host_header = HeaderValue::from_str(&host).map_err(|_| {
+            invalid(
+                "upstream.host",
+                format!("`{host}` is not a valid header value"),
+            )
+        })?;
         if self.http_version == HttpVersion::H2 && !tls {
             // Plain h2 upstreams are spoken with prior knowledge; allowed.
         }
@@ -658,7 +682,10 @@ impl RawUpstream {
             }
         }
         if self.total_timeout_ms == Some(0) {
-            return Err(invalid("upstream.total_timeout_ms", "must be greater than 0"));
+            return Err(invalid(
+                "upstream.total_timeout_ms",
+                "must be greater than 0",
+            ));
         }
         if self.max_h2_streams == 0 {
             return Err(invalid("upstream.max_h2_streams", "must be at least 1"));
@@ -755,7 +782,9 @@ mod tests {
     const MINIMAL: &str = "listen: [{addr: \"127.0.0.1:8000\"}]\n";
 
     fn err(yaml: &str) -> String {
-        Config::from_yaml(yaml).expect_err("config should be rejected").0
+        Config::from_yaml(yaml)
+            .expect_err("config should be rejected")
+            .0
     }
 
     #[test]
@@ -819,13 +848,19 @@ mod tests {
 
     #[test]
     fn empty_listen_is_rejected() {
-        assert_eq!(err("listen: []\n"), "listen: at least one listener is required");
+        assert_eq!(
+            err("listen: []\n"),
+            "listen: at least one listener is required"
+        );
     }
 
     #[test]
     fn base_url_scheme_is_checked() {
         let e = err(&format!("{MINIMAL}upstream: {{base_url: \"ftp://x\"}}\n"));
-        assert_eq!(e, "upstream.base_url: `ftp://x` must start with http:// or https://");
+        assert_eq!(
+            e,
+            "upstream.base_url: `ftp://x` must start with http:// or https://"
+        );
     }
 
     #[test]
@@ -836,7 +871,9 @@ mod tests {
 
     #[test]
     fn wrong_type_is_rejected() {
-        let e = err(&format!("{MINIMAL}upstream: {{connect_timeout_ms: soon}}\n"));
+        let e = err(&format!(
+            "{MINIMAL}upstream: {{connect_timeout_ms: soon}}\n"
+        ));
         assert!(e.contains("connect_timeout_ms"), "{e}");
     }
 
@@ -849,7 +886,28 @@ mod tests {
     #[test]
     fn empty_find_is_rejected() {
         let e = err(&format!("{MINIMAL}rewrite: [{{find: \"\", replace: x}}]\n"));
-        assert!(e.starts_with("rewrite: "), "{e}");
+        assert_eq!(e, "rewrite[0].find: must not be empty");
+    }
+
+    #[test]
+    fn shadowed_rule_is_rejected_with_its_index() {
+        let e = err(&format!(
+            "{MINIMAL}rewrite:\n  - {{find: a, replace: b, on: [response]}}\n  - {{find: json, replace: x, on: [request]}}\n  - {{find: json_schema, replace: y}}\n"
+        ));
+        assert_eq!(
+            e,
+            "rewrite[2].find: can never match: rewrite[1] (`json`) matches at the same place first"
+        );
+    }
+
+    #[test]
+    fn same_find_in_other_directions_is_allowed() {
+        let c = Config::from_yaml(&format!(
+            "{MINIMAL}rewrite:\n  - {{find: a, replace: b, on: [request]}}\n  - {{find: a, replace: c, on: [response]}}\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.request_rules.len(), 1);
+        assert_eq!(c.response_rules.len(), 1);
     }
 
     #[test]
@@ -887,7 +945,9 @@ mod tests {
 
     #[test]
     fn trusted_proxies_are_cidrs() {
-        let e = err(&format!("{MINIMAL}forwarded: {{trusted_proxies: [\"10.0.0.0/33\"]}}\n"));
+        let e = err(&format!(
+            "{MINIMAL}forwarded: {{trusted_proxies: [\"10.0.0.0/33\"]}}\n"
+        ));
         assert_eq!(
             e,
             "forwarded.trusted_proxies[0]: `10.0.0.0/33` is not a CIDR such as 10.0.0.0/8"
@@ -896,7 +956,8 @@ mod tests {
 
     #[test]
     fn h2c_on_tls_listener_is_rejected() {
-        let e = err("listen: [{addr: \"127.0.0.1:1\", h2c: true, tls: {cert_path: a, key_path: b}}]\n");
+        let e =
+            err("listen: [{addr: \"127.0.0.1:1\", h2c: true, tls: {cert_path: a, key_path: b}}]\n");
         assert!(e.starts_with("listen[0].h2c:"), "{e}");
     }
 

@@ -228,15 +228,22 @@ pub fn render() -> String {
         ("5xx", &m.requests_5xx),
         ("aborted", &m.requests_aborted),
     ] {
-        let _ = writeln!(out, "arkgate_requests_total{{class=\"{class}\"}} {}", c.get());
+        let _ = writeln!(
+            out,
+            "arkgate_requests_total{{class=\"{class}\"}} {}",
+            c.get()
+        );
     }
     let _ = writeln!(
         out,
         "# HELP arkgate_in_flight_requests Requests being proxied now.\n# TYPE arkgate_in_flight_requests gauge\narkgate_in_flight_requests {}",
         m.in_flight.get()
     );
-    m.total_time
-        .render(&mut out, "arkgate_request_duration_seconds", "Total time per request.");
+    m.total_time.render(
+        &mut out,
+        "arkgate_request_duration_seconds",
+        "Total time per request.",
+    );
     m.overhead_time.render(
         &mut out,
         "arkgate_overhead_duration_seconds",
@@ -248,25 +255,93 @@ pub fn render() -> String {
         "Time from request start to the first upstream response byte.",
     );
     let counters: [(&str, &str, &Counter); 16] = [
-        ("arkgate_upstream_connections_new_total", "Upstream connections opened.", &m.upstream_connections_new),
-        ("arkgate_upstream_connections_reused_total", "Requests sent on a pooled upstream connection.", &m.upstream_connections_reused),
-        ("arkgate_upstream_5xx_total", "Upstream responses with a 5xx status.", &m.upstream_5xx),
-        ("arkgate_upstream_connect_failures_total", "Failed upstream connection attempts.", &m.upstream_connect_failures),
-        ("arkgate_retries_total", "Upstream attempts retried.", &m.retries),
-        ("arkgate_connection_timeout_total", "CONNECTION_TIMEOUT: upstream connect timeouts.", &m.connection_timeout),
-        ("arkgate_read_timeout_total", "READ_TIMEOUT: upstream read/write timeouts.", &m.read_timeout),
-        ("arkgate_retry_exhausted_total", "RETRY_EXHAUSTED: requests that failed after using every retry.", &m.retry_exhausted),
-        ("arkgate_unexpected_error_total", "UNEXPECTED_ERROR: internal errors answered with 500.", &m.unexpected_error),
-        ("arkgate_bytes_rewritten_total", "Body bytes matched by a rewrite rule.", &m.bytes_rewritten),
-        ("arkgate_replacements_total", "Rewrite rule replacements made.", &m.replacements),
-        ("arkgate_structured_downgraded_total", "json_schema requests downgraded with the schema in a system message.", &m.structured_downgraded),
-        ("arkgate_structured_skipped_total", "Candidate bodies forwarded untouched (invalid JSON or unexpected shape).", &m.structured_skipped),
-        ("arkgate_body_too_large_total", "Requests refused with 413.", &m.body_too_large),
-        ("arkgate_downstream_bytes_in_total", "Request body bytes read from clients.", &m.bytes_in),
-        ("arkgate_downstream_bytes_out_total", "Response body bytes sent to clients.", &m.bytes_out),
+        (
+            "arkgate_upstream_connections_new_total",
+            "Upstream connections opened.",
+            &m.upstream_connections_new,
+        ),
+        (
+            "arkgate_upstream_connections_reused_total",
+            "Requests sent on a pooled upstream connection.",
+            &m.upstream_connections_reused,
+        ),
+        (
+            "arkgate_upstream_5xx_total",
+            "Upstream responses with a 5xx status.",
+            &m.upstream_5xx,
+        ),
+        (
+            "arkgate_upstream_connect_failures_total",
+            "Failed upstream connection attempts.",
+            &m.upstream_connect_failures,
+        ),
+        (
+            "arkgate_retries_total",
+            "Upstream attempts retried.",
+            &m.retries,
+        ),
+        (
+            "arkgate_connection_timeout_total",
+            "CONNECTION_TIMEOUT: upstream connect timeouts.",
+            &m.connection_timeout,
+        ),
+        (
+            "arkgate_read_timeout_total",
+            "READ_TIMEOUT: upstream read/write timeouts.",
+            &m.read_timeout,
+        ),
+        (
+            "arkgate_retry_exhausted_total",
+            "RETRY_EXHAUSTED: requests that failed after using every retry.",
+            &m.retry_exhausted,
+        ),
+        (
+            "arkgate_unexpected_error_total",
+            "UNEXPECTED_ERROR: internal errors answered with 500.",
+            &m.unexpected_error,
+        ),
+        (
+            "arkgate_bytes_rewritten_total",
+            "Body bytes matched by a rewrite rule.",
+            &m.bytes_rewritten,
+        ),
+        (
+            "arkgate_replacements_total",
+            "Rewrite rule replacements made.",
+            &m.replacements,
+        ),
+        (
+            "arkgate_structured_downgraded_total",
+            "json_schema requests downgraded with the schema in a system message.",
+            &m.structured_downgraded,
+        ),
+        (
+            "arkgate_structured_skipped_total",
+            "Candidate bodies forwarded untouched (invalid JSON or unexpected shape).",
+            &m.structured_skipped,
+        ),
+        (
+            "arkgate_body_too_large_total",
+            "Requests refused with 413.",
+            &m.body_too_large,
+        ),
+        (
+            "arkgate_downstream_bytes_in_total",
+            "Request body bytes read from clients.",
+            &m.bytes_in,
+        ),
+        (
+            "arkgate_downstream_bytes_out_total",
+            "Response body bytes sent to clients.",
+            &m.bytes_out,
+        ),
     ];
     for (name, help, c) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            c.get()
+        );
     }
     let _ = writeln!(
         out,

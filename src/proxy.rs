@@ -152,10 +152,7 @@ impl Gateway {
                 if rules.is_empty() {
                     return body;
                 }
-                let mut rw = Replacer::new(rules.clone());
-                let out = rw.push(body, true);
-                METRICS.replacements.add(rw.replacements());
-                out
+                rewrite_chunk(&mut Replacer::new(rules.clone()), Some(body), true)
             }
             Mode::Downgrade => match inspection.map(|i| i.downgrade()) {
                 Some(Ok(v)) => {
@@ -194,7 +191,11 @@ impl Gateway {
     }
 
     fn set_forwarded_headers(&self, session: &Session, req: &mut RequestHeader) -> Result<()> {
-        let Some(client) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) else {
+        let Some(client) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        else {
             return Ok(());
         };
         let trusted = self.is_trusted(client);
@@ -260,6 +261,15 @@ fn client_target(req: &RequestHeader) -> Vec<u8> {
         .path_and_query()
         .map(|pq| pq.as_str().as_bytes().to_vec())
         .unwrap_or_else(|| b"/".to_vec())
+}
+
+/// Feeds one chunk (None: no bytes, only the end flag) and counts what was replaced.
+fn rewrite_chunk(rw: &mut Replacer, chunk: Option<Bytes>, end: bool) -> Bytes {
+    let (replacements, matched) = (rw.replacements(), rw.matched_bytes());
+    let out = rw.push(chunk.unwrap_or_default(), end);
+    METRICS.replacements.add(rw.replacements() - replacements);
+    METRICS.bytes_rewritten.add(rw.matched_bytes() - matched);
+    out
 }
 
 fn is_compressed(resp: &ResponseHeader) -> bool {
@@ -342,7 +352,10 @@ impl ProxyHttp for Gateway {
 
         let policy = &self.cfg.structured;
         let has_body = !session.as_downstream_mut().is_body_empty();
-        if !policy.inspects_bodies() || !has_body || !self.is_structured_candidate(session.req_header()) {
+        if !policy.inspects_bodies()
+            || !has_body
+            || !self.is_structured_candidate(session.req_header())
+        {
             ctx.mode = policy.mode_for(None);
             if ctx.mode == Mode::Bytes && !self.cfg.request_rules.is_empty() {
                 ctx.request_rw = Some(Replacer::new(self.cfg.request_rules.clone()));
@@ -445,16 +458,16 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let up = &self.cfg.upstream;
         let target = upstream_target(&up.base_path, &client_target(session.req_header()));
-        let uri = http::Uri::try_from(target)
-            .or_err(ErrorType::InvalidHTTPHeader, "request target")?;
+        let uri =
+            http::Uri::try_from(target).or_err(ErrorType::InvalidHTTPHeader, "request target")?;
         req.set_uri(uri);
         req.insert_header(header::HOST, up.host_header.clone())?;
         req.remove_header("proxy-connection");
         self.set_forwarded_headers(session, req)?;
 
         let rewrites_responses = ctx.mode == Mode::Bytes && !self.cfg.response_rules.is_empty();
-        let may_rewrite_responses =
-            rewrites_responses || matches!(ctx.plan, BodyPlan::Hold(_)) && self.cfg.structured.has_bytes_mode();
+        let may_rewrite_responses = rewrites_responses
+            || matches!(ctx.plan, BodyPlan::Hold(_)) && self.cfg.structured.has_bytes_mode();
         if may_rewrite_responses {
             // A byte rule cannot see through compression: ask for the body as is.
             req.insert_header(header::ACCEPT_ENCODING, IDENTITY.clone())?;
@@ -530,12 +543,7 @@ impl ProxyHttp for Gateway {
             }
         }
         if let Some(rw) = ctx.request_rw.as_mut() {
-            let before = rw.replacements();
-            let out = match body.take() {
-                Some(chunk) => rw.push(chunk, end_of_stream),
-                None => rw.push(Bytes::new(), end_of_stream),
-            };
-            METRICS.replacements.add(rw.replacements() - before);
+            let out = rewrite_chunk(rw, body.take(), end_of_stream);
             *body = if out.is_empty() && end_of_stream {
                 None
             } else {
@@ -620,12 +628,7 @@ impl ProxyHttp for Gateway {
             ctx.upstream_done = Some(Instant::now());
         }
         if let Some(rw) = ctx.response_rw.as_mut() {
-            let before = rw.replacements();
-            let out = match body.take() {
-                Some(chunk) => rw.push(chunk, end_of_stream),
-                None => rw.push(Bytes::new(), end_of_stream),
-            };
-            METRICS.replacements.add(rw.replacements() - before);
+            let out = rewrite_chunk(rw, body.take(), end_of_stream);
             *body = if out.is_empty() { None } else { Some(out) };
         }
         if let Some(b) = body.as_ref() {
@@ -645,7 +648,7 @@ impl ProxyHttp for Gateway {
         ctx.upstream_done.get_or_insert_with(Instant::now);
         match ctx.response_rw.as_mut() {
             Some(rw) if rw.held() > 0 => {
-                let tail = rw.push(Bytes::new(), true);
+                let tail = rewrite_chunk(rw, None, true);
                 ctx.body_out += tail.len() as u64;
                 Ok(Some(tail))
             }
@@ -665,9 +668,12 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         let mut e = e.more_context(format!("peer {peer}"));
         let idempotent = session.req_header().method.is_idempotent();
-        let replayable = !session.as_ref().retry_buffer_truncated()
-            && !matches!(ctx.plan, BodyPlan::Hold(_));
-        if idempotent && replayable && client_reused && ctx.attempts <= self.cfg.upstream.max_retries
+        let replayable =
+            !session.as_ref().retry_buffer_truncated() && !matches!(ctx.plan, BodyPlan::Hold(_));
+        if idempotent
+            && replayable
+            && client_reused
+            && ctx.attempts <= self.cfg.upstream.max_retries
         {
             e.retry.decide_reuse(client_reused);
         } else {
@@ -728,11 +734,16 @@ impl ProxyHttp for Gateway {
         };
         METRICS.count_status(status);
         METRICS.total_time.observe(total);
-        let upstream_wait = match (ctx.upstream_sent, ctx.upstream_done.or(ctx.upstream_first_byte)) {
+        let upstream_wait = match (
+            ctx.upstream_sent,
+            ctx.upstream_done.or(ctx.upstream_first_byte),
+        ) {
             (Some(sent), Some(done)) if done > sent => done - sent,
             _ => Duration::ZERO,
         };
-        METRICS.overhead_time.observe(total.saturating_sub(upstream_wait));
+        METRICS
+            .overhead_time
+            .observe(total.saturating_sub(upstream_wait));
         let ttfb = ctx.upstream_first_byte.map(|t| t - ctx.started);
         if let Some(t) = ttfb {
             METRICS.stream_first_byte.observe(t);
@@ -745,7 +756,11 @@ impl ProxyHttp for Gateway {
         }
         let req = session.req_header();
         let path = req.uri.path();
-        let query = if req.uri.query().is_some() { "?…" } else { "" };
+        let query = if req.uri.query().is_some() {
+            "?…"
+        } else {
+            ""
+        };
         let line = format!(
             "{} {}{} status={} upstream_status={} in={} out={} total_ms={:.1} ttfb_ms={} retries={} reused={} mode={:?}{}",
             req.method,
@@ -786,7 +801,10 @@ mod tests {
 
     #[test]
     fn path_joins_with_one_slash() {
-        assert_eq!(target("/api/v3", "/chat/completions"), "/api/v3/chat/completions");
+        assert_eq!(
+            target("/api/v3", "/chat/completions"),
+            "/api/v3/chat/completions"
+        );
         assert_eq!(target("/api/v3", "/"), "/api/v3/");
         assert_eq!(target("", "/x"), "/x");
         assert_eq!(target("", "*"), "/");

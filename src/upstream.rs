@@ -156,7 +156,10 @@ impl BackgroundService for DnsRefresher {
             match self.pool.refresh().await {
                 Ok(n) => {
                     failures = 0;
-                    debug!("upstream {} resolved to {n} address(es)", self.pool.cfg.hostname);
+                    debug!(
+                        "upstream {} resolved to {n} address(es)",
+                        self.pool.cfg.hostname
+                    );
                 }
                 Err(e) => {
                     failures += 1;

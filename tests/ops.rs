@@ -136,7 +136,6 @@ fn metrics_counters_move_after_a_short_load() {
 }
 
 #[test]
-#[ignore = "src bug: arkgate_bytes_rewritten_total is declared in metrics.rs but never incremented"]
 fn metrics_count_bytes_rewritten() {
     let dir = TempDir::new("rewritten");
     let upstream = MockUpstream::start();
