@@ -4,6 +4,7 @@
 //! `arkgate -t` validates all of it. Services: the proxy (one per listener group), the DNS
 //! refresher, the drain watcher, and the admin listener (`/metrics`, `/healthz`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -37,6 +38,7 @@ pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     let cfg = Arc::new(cfg);
     let pool = UpstreamPool::new(cfg.upstream.clone());
+    let drain = Arc::new(DrainSignal::default());
     if cfg.upstream.tls && !cfg.upstream.tls_verify {
         log::warn!("upstream certificate verification is OFF (upstream.tls_verify: false)");
     }
@@ -52,7 +54,7 @@ pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
         if listeners.is_empty() {
             continue;
         }
-        let gateway = Gateway::new(cfg.clone(), pool.clone(), tls);
+        let gateway = Gateway::new(cfg.clone(), pool.clone(), drain.clone(), tls);
         let mut proxy = http_proxy(&server.configuration, gateway);
         let mut options = HttpServerOptions::default();
         options.h2c = listeners.iter().any(|l| l.h2c);
@@ -62,7 +64,7 @@ pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
         h2.max_concurrent_streams(cfg.downstream.h2_max_concurrent_streams)
             .max_header_list_size(header_list_limit(&cfg));
         proxy.h2_options = Some(h2);
-        let app = Draining {
+        let app = DeferredCleanup {
             inner: Arc::new(proxy),
             drain: drain_period(&cfg),
         };
@@ -88,10 +90,13 @@ pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
     }
     server.add_service(background_service(
         "drain watcher",
-        DrainWatcher(server.watch_execution_phase()),
+        DrainWatcher {
+            phases: server.watch_execution_phase(),
+            drain: drain.clone(),
+        },
     ));
     if let Some(addr) = cfg.admin_addr {
-        let mut admin = Service::new("arkgate admin".to_string(), AdminApp);
+        let mut admin = Service::new("arkgate admin".to_string(), AdminApp { drain });
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);
     }
@@ -171,13 +176,13 @@ fn drain_period(cfg: &Config) -> std::time::Duration {
 /// drain: a request that arrives is served normally, with keep-alive off (Pingora does that once
 /// shutdown is flagged), so the client learns from `Connection: close` to reconnect, and reaches
 /// the new process. Connections still idle at the end of the drain are closed then.
-struct Draining<A> {
+struct DeferredCleanup<A> {
     inner: Arc<A>,
     drain: std::time::Duration,
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Draining<A> {
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for DeferredCleanup<A> {
     async fn process_new(
         self: &Arc<Self>,
         session: Stream,
@@ -192,25 +197,47 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Draining<A> {
     }
 }
 
-/// Flips the process into "draining" (health 503) when shutdown or an upgrade starts.
-struct DrainWatcher(broadcast::Receiver<ExecutionPhase>);
+/// Whether this server has begun to shut down or hand over to a new process. One per server (not
+/// per process), so servers embedded side by side in one process drain independently.
+#[derive(Debug, Default)]
+pub struct DrainSignal(AtomicBool);
+
+impl DrainSignal {
+    /// Marks the server as draining (also shown as the `arkgate_draining` gauge).
+    pub fn start(&self) {
+        self.0.store(true, Ordering::Relaxed);
+        METRICS.set_draining();
+    }
+
+    /// True once shutdown or a graceful upgrade has started.
+    pub fn is_draining(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Starts the drain when shutdown or an upgrade begins: from then on responses carry
+/// `Connection: close` and `/healthz` answers 503.
+struct DrainWatcher {
+    phases: broadcast::Receiver<ExecutionPhase>,
+    drain: Arc<DrainSignal>,
+}
 
 #[async_trait]
 impl BackgroundService for DrainWatcher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut phases = self.0.resubscribe();
+        let mut phases = self.phases.resubscribe();
         loop {
             tokio::select! {
                 phase = phases.recv() => match phase {
                     Ok(ExecutionPhase::GracefulUpgradeTransferringFds
                         | ExecutionPhase::GracefulUpgradeCloseTimeout
                         | ExecutionPhase::GracefulTerminate
-                        | ExecutionPhase::ShutdownStarted) => METRICS.set_draining(),
+                        | ExecutionPhase::ShutdownStarted) => self.drain.start(),
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 _ = shutdown.changed() => {
-                    METRICS.set_draining();
+                    self.drain.start();
                     return;
                 }
             }
@@ -219,7 +246,9 @@ impl BackgroundService for DrainWatcher {
 }
 
 /// The admin listener: `/metrics` (Prometheus text) and `/healthz` (200, or 503 while draining).
-pub struct AdminApp;
+pub struct AdminApp {
+    drain: Arc<DrainSignal>,
+}
 
 #[async_trait]
 impl ServeHttp for AdminApp {
@@ -231,7 +260,7 @@ impl ServeHttp for AdminApp {
                 "text/plain; version=0.0.4",
                 metrics::render().into_bytes(),
             ),
-            "/healthz" if METRICS.is_draining() => (503, "text/plain", b"draining\n".to_vec()),
+            "/healthz" if self.drain.is_draining() => (503, "text/plain", b"draining\n".to_vec()),
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
             _ => (404, "text/plain", b"not found\n".to_vec()),
         };

@@ -190,7 +190,7 @@ impl Metrics {
         }
     }
 
-    /// Marks the process as draining (health checks answer 503 from now on).
+    /// Marks the process as draining (the `arkgate_draining` gauge).
     pub fn set_draining(&self) {
         self.draining.store(true, Relaxed);
     }

@@ -25,6 +25,7 @@ use pingora::protocols::Digest;
 use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
 
+use crate::app::DrainSignal;
 use crate::config::Config;
 use crate::error::{self, classify, Failure};
 use crate::metrics::METRICS;
@@ -52,6 +53,7 @@ static HTTPS: HeaderValue = HeaderValue::from_static("https");
 pub struct Gateway {
     cfg: Arc<Config>,
     upstream: Arc<UpstreamPool>,
+    drain: Arc<DrainSignal>,
     /// Whether this service's listeners are TLS (for `X-Forwarded-Proto`).
     tls_listener: bool,
     log_every: u64,
@@ -93,7 +95,12 @@ pub struct RequestCtx {
 
 impl Gateway {
     /// Builds the proxy for one listening service.
-    pub fn new(cfg: Arc<Config>, upstream: Arc<UpstreamPool>, tls_listener: bool) -> Gateway {
+    pub fn new(
+        cfg: Arc<Config>,
+        upstream: Arc<UpstreamPool>,
+        drain: Arc<DrainSignal>,
+        tls_listener: bool,
+    ) -> Gateway {
         let rate = cfg.logging.sample_rate;
         let log_every = if rate <= 0.0 {
             0
@@ -103,6 +110,7 @@ impl Gateway {
         Gateway {
             cfg,
             upstream,
+            drain,
             tls_listener,
             log_every,
             log_counter: AtomicU64::new(0),
@@ -272,6 +280,25 @@ fn rewrite_chunk(rw: &mut Replacer, chunk: Option<Bytes>, end: bool) -> Bytes {
     out
 }
 
+/// Drops the upstream's connection-specific fields: those its `Connection` header names, and the
+/// standard hop-by-hop ones (RFC 9110 §7.6.1). Pingora frames the client connection itself.
+fn remove_hop_by_hop(resp: &mut ResponseHeader) {
+    let named: Vec<http::HeaderName> = resp
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        resp.remove_header(&name);
+    }
+    for name in ["keep-alive", "proxy-connection", "connection"] {
+        resp.remove_header(name);
+    }
+}
+
 fn is_compressed(resp: &ResponseHeader) -> bool {
     resp.headers
         .get(header::CONTENT_ENCODING)
@@ -317,7 +344,7 @@ impl ProxyHttp for Gateway {
         // to the new process while both still accept.
         if session.get_keepalive().is_some() {
             let keep = down.keepalive_timeout.as_secs();
-            let keep = (keep > 0 && !METRICS.is_draining()).then_some(keep);
+            let keep = (keep > 0 && !self.drain.is_draining()).then_some(keep);
             session.set_keepalive(keep);
         }
 
@@ -357,7 +384,13 @@ impl ProxyHttp for Gateway {
             || !self.is_structured_candidate(session.req_header())
         {
             ctx.mode = policy.mode_for(None);
-            if ctx.mode == Mode::Bytes && !self.cfg.request_rules.is_empty() {
+            // A byte rule cannot see through a compressed body: leave it as it is.
+            let encoded = session
+                .req_header()
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+            if ctx.mode == Mode::Bytes && !self.cfg.request_rules.is_empty() && !encoded {
                 ctx.request_rw = Some(Replacer::new(self.cfg.request_rules.clone()));
             }
             return Ok(false);
@@ -368,6 +401,13 @@ impl ProxyHttp for Gateway {
                 // Pingora's retry buffer keeps the raw bytes and replays them (with end of
                 // stream) through request_body_filter, where the planned body is substituted.
                 session.as_downstream_mut().enable_retry_buffering();
+                if session.req_header().headers.contains_key(header::EXPECT) {
+                    // The client waits for an invitation before sending the body we read here.
+                    session
+                        .as_downstream_mut()
+                        .write_continue_response()
+                        .await?;
+                }
                 let mut buf = BytesMut::with_capacity(n as usize);
                 while let Some(chunk) = session.read_request_body().await? {
                     buf.extend_from_slice(&chunk);
@@ -474,6 +514,8 @@ impl ProxyHttp for Gateway {
         }
         match &ctx.plan {
             BodyPlan::Replace(body) => {
+                // The body was already read (after answering any `Expect` ourselves).
+                req.remove_header(&header::EXPECT);
                 req.remove_header(&header::TRANSFER_ENCODING);
                 req.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
             }
@@ -575,17 +617,28 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        remove_hop_by_hop(resp);
         let rules = &self.cfg.response_rules;
+        let status = resp.status;
+        // 1xx, 204 and 304 never have a body; a HEAD response describes the body a GET would get.
+        let bodiless = status.is_informational()
+            || status == http::StatusCode::NO_CONTENT
+            || status == http::StatusCode::NOT_MODIFIED;
+        let head = session.req_header().method == Method::HEAD;
         let rewrite = ctx.mode == Mode::Bytes
             && !rules.is_empty()
+            && !bodiless
             && !is_compressed(resp)
             && ctx.upstream_status.is_some();
         if rewrite {
-            ctx.response_rw = Some(Replacer::new(rules.clone()));
+            if !head {
+                ctx.response_rw = Some(Replacer::new(rules.clone()));
+            }
             if rules.changes_length() {
+                // The rewritten length is unknown until the end: re-frame.
                 resp.remove_header(&header::CONTENT_LENGTH);
                 resp.remove_header(&header::ACCEPT_RANGES);
-                if !session.is_http2() {
+                if !head && !session.is_http2() {
                     resp.insert_header(header::TRANSFER_ENCODING, CHUNKED.clone())?;
                 }
             }
@@ -698,7 +751,10 @@ impl ProxyHttp for Gateway {
         }
         let mut status = reply.status;
         if status != 0 {
-            if session.response_written().is_some() {
+            if session
+                .response_written()
+                .is_some_and(|r| !r.status.is_informational())
+            {
                 // Mid-stream failure: the client already has a status; end the connection so it
                 // sees an error instead of a clean but truncated body.
                 status = 0;

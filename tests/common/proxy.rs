@@ -1,0 +1,228 @@
+//! The real arkgate, in-process: a YAML config is written for free local ports, parsed with
+//! `Config::from_yaml`, built with `app::build_server`, and run on its own thread until the
+//! [`Proxy`] handle is dropped (which asks Pingora for a fast shutdown and waits for it).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::configuration::Opt;
+use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
+use tempfile::TempDir;
+use tokio::sync::Notify;
+
+use super::certs::TestCerts;
+
+/// How long a proxy may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A YAML double-quoted scalar (JSON strings are valid YAML).
+pub fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
+}
+
+/// A port that was free a moment ago (Pingora's `add_tcp` takes an address, not a socket).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("address")
+}
+
+/// Builds a proxy configuration; see [`proxy`].
+pub struct ProxyBuilder {
+    upstream: Vec<(String, String)>,
+    sections: Vec<String>,
+    h2c: bool,
+    tls_listener: Option<(String, String)>,
+    admin: bool,
+    threads: usize,
+}
+
+/// A proxy in front of `base_url`, with test-friendly defaults: 2 threads, no admin listener,
+/// a 1 s connect timeout, everything else as shipped.
+pub fn proxy(base_url: &str) -> ProxyBuilder {
+    ProxyBuilder {
+        upstream: vec![
+            ("base_url".into(), yaml_str(base_url)),
+            ("connect_timeout_ms".into(), "1000".into()),
+        ],
+        sections: Vec::new(),
+        h2c: false,
+        tls_listener: None,
+        admin: false,
+        threads: 2,
+    }
+}
+
+/// A proxy in front of `upstream_base_url` with `yaml_extra` appended at the top level.
+pub fn start_proxy(yaml_extra: &str, upstream_base_url: &str) -> Proxy {
+    proxy(upstream_base_url).yaml(yaml_extra).start()
+}
+
+impl ProxyBuilder {
+    /// Sets `upstream.<key>` to a YAML value (replacing an earlier setting).
+    pub fn upstream(mut self, key: &str, yaml_value: &str) -> ProxyBuilder {
+        self.upstream.retain(|(k, _)| k != key);
+        self.upstream.push((key.into(), yaml_value.into()));
+        self
+    }
+
+    /// Trusts the test CA for upstream TLS (verification stays on).
+    pub fn trust(self, certs: &TestCerts) -> ProxyBuilder {
+        let ca = yaml_str(certs.ca());
+        self.upstream("ca_file", &ca)
+    }
+
+    /// Appends top-level YAML (`rewrite:`, `structured_output:`, `limits:` …).
+    pub fn yaml(mut self, text: &str) -> ProxyBuilder {
+        if !text.trim().is_empty() {
+            self.sections.push(text.to_string());
+        }
+        self
+    }
+
+    /// Lets the plain listener accept HTTP/2 with prior knowledge.
+    pub fn h2c(mut self) -> ProxyBuilder {
+        self.h2c = true;
+        self
+    }
+
+    /// Adds a TLS listener (h2 and http/1.1 by ALPN) with the test server certificate.
+    pub fn tls_listener(mut self, certs: &TestCerts) -> ProxyBuilder {
+        let path = |p: &std::path::Path| yaml_str(p.to_str().expect("UTF-8 path"));
+        self.tls_listener = Some((path(&certs.cert_path), path(&certs.key_path)));
+        self
+    }
+
+    /// Turns on the admin listener (`/metrics`, `/healthz`) on a free port.
+    pub fn admin(mut self) -> ProxyBuilder {
+        self.admin = true;
+        self
+    }
+
+    pub fn threads(mut self, n: usize) -> ProxyBuilder {
+        self.threads = n;
+        self
+    }
+
+    /// Writes the YAML, builds the server and waits until every listener accepts connections.
+    pub fn start(self) -> Proxy {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let dir = tempfile::tempdir().expect("temp dir for the proxy");
+        let addr = free_addr();
+        let tls_addr = self.tls_listener.as_ref().map(|_| free_addr());
+        let admin_addr = self.admin.then(free_addr);
+
+        let mut yaml = format!("listen:\n  - {{addr: \"{addr}\", h2c: {}}}\n", self.h2c);
+        if let (Some(a), Some((cert, key))) = (tls_addr, &self.tls_listener) {
+            yaml +=
+                &format!("  - {{addr: \"{a}\", tls: {{cert_path: {cert}, key_path: {key}}}}}\n");
+        }
+        yaml += "upstream:\n";
+        for (k, v) in &self.upstream {
+            yaml += &format!("  {k}: {v}\n");
+        }
+        match admin_addr {
+            Some(a) => yaml += &format!("admin: {{addr: \"{a}\"}}\n"),
+            None => yaml += "admin: {addr: ~}\n",
+        }
+        let path = |name: &str| yaml_str(dir.path().join(name).to_str().expect("UTF-8 path"));
+        yaml += &format!(
+            "server: {{threads: {}, pid_file: {}, upgrade_sock: {}, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0}}\n",
+            self.threads,
+            path("arkgate.pid"),
+            path("upgrade.sock"),
+        );
+        for section in &self.sections {
+            yaml += section;
+            if !section.ends_with('\n') {
+                yaml.push('\n');
+            }
+        }
+        std::fs::write(dir.path().join("arkgate.yaml"), &yaml).expect("write config");
+
+        let cfg = arkgate::Config::from_yaml(&yaml)
+            .unwrap_or_else(|e| panic!("test config rejected: {e}\n{yaml}"));
+        let mut server = arkgate::app::build_server(cfg, Opt::default())
+            .unwrap_or_else(|e| panic!("server not built: {e}\n{yaml}"));
+        server.bootstrap();
+        let stop = Arc::new(Notify::new());
+        let signal = StopSignal(stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("arkgate".into())
+            .spawn(move || {
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(signal),
+                })
+            })
+            .expect("spawn the proxy thread");
+
+        for a in [Some(addr), tls_addr, admin_addr].into_iter().flatten() {
+            wait_until_listening(a);
+        }
+        Proxy {
+            addr,
+            tls_addr,
+            admin_addr,
+            yaml,
+            _dir: dir,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+/// Polls a TCP connect until it succeeds.
+fn wait_until_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "proxy never listened on {addr}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Tells Pingora's main loop to shut down fast when notified.
+struct StopSignal(Arc<Notify>);
+
+#[async_trait]
+impl ShutdownSignalWatch for StopSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        self.0.notified().await;
+        ShutdownSignal::FastShutdown
+    }
+}
+
+/// A running arkgate. Dropping it shuts the server down.
+pub struct Proxy {
+    /// The plain listener.
+    pub addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    /// The configuration it runs (for failure messages).
+    pub yaml: String,
+    _dir: TempDir,
+    stop: Arc<Notify>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// `http://ADDR{path}` on the plain listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `https://127.0.0.1:PORT{path}` on the TLS listener.
+    pub fn tls_url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.tls_addr.expect("a TLS listener"))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        // notify_one keeps a permit, so a stop sent before the main loop waits is not lost.
+        self.stop.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
