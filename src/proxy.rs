@@ -91,6 +91,37 @@ pub struct RequestCtx {
     body_out: u64,
     sse: bool,
     deadline: Option<Instant>,
+    /// The first bytes of each body, kept only with `logging.bodies: true`.
+    request_sample: Option<BodySample>,
+    response_sample: Option<BodySample>,
+}
+
+/// The first `limit` bytes of a body, for the access log.
+struct BodySample {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl BodySample {
+    fn new(limit: usize) -> BodySample {
+        BodySample {
+            bytes: Vec::new(),
+            limit,
+        }
+    }
+
+    fn record(&mut self, chunk: &[u8]) {
+        let room = self.limit.saturating_sub(self.bytes.len());
+        self.bytes
+            .extend_from_slice(&chunk[..room.min(chunk.len())]);
+    }
+}
+
+impl std::fmt::Display for BodySample {
+    /// Quoted, with control and non-UTF-8 bytes escaped, so a body cannot forge log lines.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{}\"", self.bytes.escape_ascii())
+    }
 }
 
 impl Gateway {
@@ -186,6 +217,63 @@ impl Gateway {
         session.set_keepalive(None);
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+
+    /// The request body plan applied to one chunk (see [`BodyPlan`]).
+    fn filter_request_chunk(
+        &self,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.check_deadline(ctx)?;
+        match &mut ctx.plan {
+            BodyPlan::Replace(planned) => {
+                // The raw body is replayed from the retry buffer; send the planned one instead.
+                *body = Some(if end_of_stream {
+                    planned.clone()
+                } else {
+                    Bytes::new()
+                });
+                return Ok(());
+            }
+            BodyPlan::Hold(buf) => {
+                if let Some(chunk) = body.take() {
+                    ctx.body_in += chunk.len() as u64;
+                    buf.extend_from_slice(&chunk);
+                }
+                if self.over_limit(buf.len() as u64) {
+                    METRICS.body_too_large.inc();
+                    return Error::e_explain(error::BODY_TOO_LARGE, "body over limit");
+                }
+                if !end_of_stream {
+                    // Never `None` mid-stream: Pingora would take it as the end of the body.
+                    *body = Some(Bytes::new());
+                    return Ok(());
+                }
+                let whole = std::mem::take(buf).freeze();
+                let planned = self.plan_json_body(whole, ctx);
+                *body = Some(planned);
+                return Ok(());
+            }
+            BodyPlan::Stream => {}
+        }
+        if let Some(chunk) = body.as_ref() {
+            ctx.body_in += chunk.len() as u64;
+            if self.over_limit(ctx.body_in) {
+                METRICS.body_too_large.inc();
+                return Error::e_explain(error::BODY_TOO_LARGE, "body over limit");
+            }
+        }
+        if let Some(rw) = ctx.request_rw.as_mut() {
+            let out = rewrite_chunk(rw, body.take(), end_of_stream);
+            *body = if out.is_empty() && end_of_stream {
+                None
+            } else {
+                Some(out)
+            };
+        }
         Ok(())
     }
 
@@ -329,6 +417,16 @@ impl ProxyHttp for Gateway {
             body_out: 0,
             sse: false,
             deadline: self.cfg.upstream.total_timeout.map(|t| started + t),
+            request_sample: self
+                .cfg
+                .logging
+                .bodies
+                .then(|| BodySample::new(self.cfg.logging.body_max_bytes)),
+            response_sample: self
+                .cfg
+                .logging
+                .bodies
+                .then(|| BodySample::new(self.cfg.logging.body_max_bytes)),
         }
     }
 
@@ -545,52 +643,9 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        self.check_deadline(ctx)?;
-        match &mut ctx.plan {
-            BodyPlan::Replace(planned) => {
-                // The raw body is replayed from the retry buffer; send the planned one instead.
-                *body = Some(if end_of_stream {
-                    planned.clone()
-                } else {
-                    Bytes::new()
-                });
-                return Ok(());
-            }
-            BodyPlan::Hold(buf) => {
-                if let Some(chunk) = body.take() {
-                    ctx.body_in += chunk.len() as u64;
-                    buf.extend_from_slice(&chunk);
-                }
-                if self.over_limit(buf.len() as u64) {
-                    METRICS.body_too_large.inc();
-                    return Error::e_explain(error::BODY_TOO_LARGE, "body over limit");
-                }
-                if !end_of_stream {
-                    // Never `None` mid-stream: Pingora would take it as the end of the body.
-                    *body = Some(Bytes::new());
-                    return Ok(());
-                }
-                let whole = std::mem::take(buf).freeze();
-                let planned = self.plan_json_body(whole, ctx);
-                *body = Some(planned);
-                return Ok(());
-            }
-            BodyPlan::Stream => {}
-        }
-        if let Some(chunk) = body.as_ref() {
-            ctx.body_in += chunk.len() as u64;
-            if self.over_limit(ctx.body_in) {
-                METRICS.body_too_large.inc();
-                return Error::e_explain(error::BODY_TOO_LARGE, "body over limit");
-            }
-        }
-        if let Some(rw) = ctx.request_rw.as_mut() {
-            let out = rewrite_chunk(rw, body.take(), end_of_stream);
-            *body = if out.is_empty() && end_of_stream {
-                None
-            } else {
-                Some(out)
-            };
+        self.filter_request_chunk(body, end_of_stream, ctx)?;
+        if let (Some(sample), Some(b)) = (ctx.request_sample.as_mut(), body.as_ref()) {
+            sample.record(b);
         }
         Ok(())
     }
@@ -686,6 +741,9 @@ impl ProxyHttp for Gateway {
         }
         if let Some(b) = body.as_ref() {
             ctx.body_out += b.len() as u64;
+            if let Some(sample) = ctx.response_sample.as_mut() {
+                sample.record(b);
+            }
         }
         Ok(None)
     }
@@ -833,6 +891,10 @@ impl ProxyHttp for Gateway {
             ctx.mode,
             e.map_or(String::new(), |err| format!(" error={}", err.etype().as_str())),
         );
+        let line = match (&ctx.request_sample, &ctx.response_sample) {
+            (Some(req), Some(resp)) => format!("{line} req_body={req} resp_body={resp}"),
+            _ => line,
+        };
         if e.is_some() || status >= 500 {
             warn!(target: "arkgate::access", "{line} [{}]", METRICS.failure_summary());
         } else {

@@ -245,6 +245,35 @@ fn access_log_has_one_line_per_request_and_no_credentials() {
 }
 
 #[test]
+fn bodies_are_logged_only_when_asked_and_then_truncated() {
+    let dir = TempDir::new("bodylog");
+    let upstream = MockUpstream::start();
+    let (listen, admin) = (free_addr(), free_addr());
+    let yaml = config(listen, admin, upstream.addr, &dir, 1.0).replace(
+        "logging:\n",
+        "logging:\n  bodies: true\n  body_max_bytes: 24\n",
+    );
+    let cfg = dir.write("arkgate.yaml", &yaml);
+    let mut proc = Proc::spawn(&cfg, &dir);
+    proc.wait_listening(listen);
+
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"a long question"}]}"#;
+    let ok = Client::new(listen)
+        .send(&request("POST", "/v1/chat/completions", &[], body))
+        .expect("request through arkgate");
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let lines = proc.wait_for_access_lines(1);
+    let line = &lines[0];
+    // The first 24 bytes of the request body, quoted and escaped, and no more of it.
+    assert!(
+        line.contains(r#"req_body="{\"model\":\"m\",\"messages\":" "#),
+        "{line}"
+    );
+    assert!(!line.contains("a long question"), "{line}");
+    assert!(line.contains("resp_body=\""), "{line}");
+}
+
+#[test]
 fn unsampled_successes_are_not_logged_but_errors_are() {
     let dir = TempDir::new("sample0");
     let mut upstream = MockUpstream::start();
