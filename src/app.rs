@@ -145,6 +145,8 @@ fn server_conf(cfg: &Config) -> ServerConf {
         graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout_seconds),
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
         work_stealing: s.work_stealing,
+        // Pingora counts every attempt against this cap, the first one included.
+        max_retries: cfg.upstream.max_retries + 1,
         ca_file: cfg
             .upstream
             .ca_file

@@ -77,7 +77,6 @@ enum BodyPlan {
 pub struct RequestCtx {
     started: Instant,
     attempts: usize,
-    connect_failures: usize,
     reused: Option<bool>,
     upstream_sent: Option<Instant>,
     upstream_first_byte: Option<Instant>,
@@ -403,7 +402,6 @@ impl ProxyHttp for Gateway {
         RequestCtx {
             started,
             attempts: 0,
-            connect_failures: 0,
             reused: None,
             upstream_sent: None,
             upstream_first_byte: None,
@@ -543,9 +541,18 @@ impl ProxyHttp for Gateway {
         if let BodyPlan::Hold(buf) = &mut ctx.plan {
             buf.clear();
         }
-        self.upstream.peer(attempt).ok_or_else(|| {
+        let mut peer = self.upstream.peer(attempt).ok_or_else(|| {
             Error::explain(error::NO_UPSTREAM_ADDRESS, "no resolved upstream address")
-        })
+        })?;
+        if let Some(deadline) = ctx.deadline {
+            // Let the wait for the response header end at the deadline, not a read timeout later.
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or(Duration::from_millis(1));
+            let o = &mut peer.options;
+            o.read_timeout = o.read_timeout.map(|t| t.min(left)).or(Some(left));
+        }
+        Ok(peer)
     }
 
     /// Nothing was sent: always safe to retry, up to `upstream.max_retries`.
@@ -557,8 +564,8 @@ impl ProxyHttp for Gateway {
         mut e: Box<Error>,
     ) -> Box<Error> {
         METRICS.upstream_connect_failures.inc();
-        ctx.connect_failures += 1;
-        if ctx.connect_failures <= self.cfg.upstream.max_retries {
+        // One budget for the whole request: attempts so far, whatever made them retry.
+        if ctx.attempts <= self.cfg.upstream.max_retries {
             e.set_retry(true);
         } else {
             if self.cfg.upstream.max_retries > 0 {
@@ -656,6 +663,8 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // Nothing has been written to the client yet: a late header still becomes a clean 504.
+        self.check_deadline(ctx)?;
         let now = Instant::now();
         ctx.upstream_first_byte.get_or_insert(now);
         ctx.upstream_status = Some(resp.status.as_u16());

@@ -198,6 +198,9 @@ pub enum Reply {
     Garbage(Bytes),
     /// Sends the inner reply, then closes the connection without warning (HTTP/2: GOAWAY).
     CloseAfterResponse(Box<Reply>),
+    /// Says nothing for the duration, then sends the inner reply (e.g. a stream whose head
+    /// arrives late and on its own).
+    After(Duration, Box<Reply>),
 }
 
 impl Reply {
@@ -322,13 +325,25 @@ pub struct MockUpstream {
 impl MockUpstream {
     /// Binds `127.0.0.1:0` and starts serving; ready as soon as this returns.
     pub fn start(cfg: MockConfig) -> MockUpstream {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind mock");
+        MockUpstream::start_on(cfg, listener)
+    }
+
+    /// Binds exactly `addr` (e.g. a [`dead_addr`] a proxy already points at, to bring a
+    /// "down" upstream up) and starts serving; ready as soon as this returns.
+    pub fn start_at(cfg: MockConfig, addr: SocketAddr) -> MockUpstream {
+        let listener = std::net::TcpListener::bind(addr).expect("bind mock at the given address");
+        MockUpstream::start_on(cfg, listener)
+    }
+
+    /// Starts serving on a listener the caller bound.
+    pub fn start_on(cfg: MockConfig, listener: std::net::TcpListener) -> MockUpstream {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("mock-upstream")
             .enable_all()
             .build()
             .expect("mock runtime");
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind mock");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("mock address");
         let acceptor = cfg
@@ -570,6 +585,7 @@ async fn serve_connection(
 /// Turns an `Echo` into the response it stands for.
 fn resolve(reply: Reply, request: &RecordedRequest) -> Reply {
     match reply {
+        Reply::After(delay, inner) => Reply::After(delay, Box::new(resolve(*inner, request))),
         Reply::Echo => Reply::Full {
             status: 200,
             headers: vec![(
@@ -959,6 +975,10 @@ async fn write_h1_reply(
             io.flush().await?;
             After::Close
         }
+        Reply::After(delay, inner) => {
+            tokio::time::sleep(delay).await;
+            Box::pin(write_h1_reply(io, *inner, is_head, shared)).await?
+        }
         Reply::CloseAfterResponse(_) => unreachable!("unwrapped above"),
     };
     Ok(if close_after { After::Close } else { after })
@@ -1162,6 +1182,10 @@ async fn write_h2_reply(
         }
         Reply::Garbage(_) => {
             let _ = actions.send(ConnAction::Abort);
+        }
+        Reply::After(delay, inner) => {
+            tokio::time::sleep(delay).await;
+            Box::pin(write_h2_reply(respond, *inner, is_head, shared, actions)).await?;
         }
         Reply::CloseAfterResponse(_) => unreachable!("unwrapped above"),
     }

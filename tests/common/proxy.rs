@@ -94,6 +94,17 @@ impl ProxyBuilder {
         self
     }
 
+    /// Adds a TLS listener serving these PEM files (a chain file, a key made elsewhere).
+    pub fn tls_listener_files(
+        mut self,
+        cert_path: &std::path::Path,
+        key_path: &std::path::Path,
+    ) -> ProxyBuilder {
+        let path = |p: &std::path::Path| yaml_str(p.to_str().expect("UTF-8 path"));
+        self.tls_listener = Some((path(cert_path), path(key_path)));
+        self
+    }
+
     /// Turns on the admin listener (`/metrics`, `/healthz`) on a free port.
     pub fn admin(mut self) -> ProxyBuilder {
         self.admin = true;
