@@ -347,15 +347,14 @@ fn upstream_target(base_path: &str, raw: &[u8]) -> Vec<u8> {
 
 /// The request target as the client sent it: origin-form bytes, or the path and query of an
 /// absolute-form / HTTP/2 URI.
-fn client_target(req: &RequestHeader) -> Vec<u8> {
+fn client_target(req: &RequestHeader) -> &[u8] {
     let raw = req.raw_path();
     if raw.first() == Some(&b'/') {
-        return raw.to_vec();
+        return raw;
     }
     req.uri
         .path_and_query()
-        .map(|pq| pq.as_str().as_bytes().to_vec())
-        .unwrap_or_else(|| b"/".to_vec())
+        .map_or(b"/", |pq| pq.as_str().as_bytes())
 }
 
 /// Feeds one chunk (None: no bytes, only the end flag) and counts what was replaced.
@@ -386,8 +385,9 @@ fn remove_hop_by_hop(resp: &mut ResponseHeader) {
     }
 }
 
-fn is_compressed(resp: &ResponseHeader) -> bool {
-    resp.headers
+/// True when a body is sent with a content coding (gzip, br, …): byte rules cannot apply to it.
+fn is_encoded(headers: &http::HeaderMap) -> bool {
+    headers
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
@@ -481,11 +481,7 @@ impl ProxyHttp for Gateway {
         {
             ctx.mode = policy.mode_for(None);
             // A byte rule cannot see through a compressed body: leave it as it is.
-            let encoded = session
-                .req_header()
-                .headers
-                .get(header::CONTENT_ENCODING)
-                .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+            let encoded = is_encoded(&session.req_header().headers);
             if ctx.mode == Mode::Bytes && !self.cfg.request_rules.is_empty() && !encoded {
                 ctx.request_rw = Some(Replacer::new(self.cfg.request_rules.clone()));
             }
@@ -602,7 +598,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let up = &self.cfg.upstream;
-        let target = upstream_target(&up.base_path, &client_target(session.req_header()));
+        let target = upstream_target(&up.base_path, client_target(session.req_header()));
         let uri =
             http::Uri::try_from(target).or_err(ErrorType::InvalidHTTPHeader, "request target")?;
         req.set_uri(uri);
@@ -692,7 +688,7 @@ impl ProxyHttp for Gateway {
         let rewrite = ctx.mode == Mode::Bytes
             && !rules.is_empty()
             && !bodiless
-            && !is_compressed(resp)
+            && !is_encoded(&resp.headers)
             && ctx.upstream_status.is_some();
         if rewrite {
             if !head {
