@@ -10,10 +10,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use http::Response;
 use pingora::apps::http_app::ServeHttp;
-use pingora::apps::{HttpServerOptions, ServerApp};
+use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::Stream;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -22,6 +21,7 @@ use pingora_proxy::http_proxy;
 use tokio::sync::broadcast;
 
 use crate::config::{Config, ConfigError, Listener};
+use crate::downstream::ConnectionPolicy;
 use crate::metrics::{self, METRICS};
 use crate::proxy::Gateway;
 use crate::upstream::{DnsRefresher, UpstreamPool};
@@ -54,19 +54,25 @@ pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
         if listeners.is_empty() {
             continue;
         }
-        let gateway = Gateway::new(cfg.clone(), pool.clone(), drain.clone(), tls);
-        let mut proxy = http_proxy(&server.configuration, gateway);
-        let mut options = HttpServerOptions::default();
-        options.h2c = listeners.iter().any(|l| l.h2c);
-        options.h2_idle_timeout = Some(cfg.downstream.h2_idle_timeout);
-        proxy.server_options = Some(options);
-        let mut h2 = pingora::protocols::http::v2::server::H2Options::new();
-        h2.max_concurrent_streams(cfg.downstream.h2_max_concurrent_streams)
-            .max_header_list_size(header_list_limit(&cfg));
-        proxy.h2_options = Some(h2);
-        let app = DeferredCleanup {
-            inner: Arc::new(proxy),
+        let h2c = listeners.iter().any(|l| l.h2c);
+        let build = |h2c: bool| {
+            let gateway = Gateway::new(cfg.clone(), pool.clone(), drain.clone(), tls);
+            let mut proxy = http_proxy(&server.configuration, gateway);
+            let mut options = HttpServerOptions::default();
+            options.h2c = h2c;
+            options.h2_idle_timeout = Some(cfg.downstream.h2_idle_timeout);
+            proxy.server_options = Some(options);
+            let mut h2 = pingora::protocols::http::v2::server::H2Options::new();
+            h2.max_concurrent_streams(cfg.downstream.h2_max_concurrent_streams)
+                .max_header_list_size(header_list_limit(&cfg));
+            proxy.h2_options = Some(h2);
+            Arc::new(proxy)
+        };
+        let app = ConnectionPolicy {
+            inner: build(h2c),
+            h1_only: h2c.then(|| build(false)),
             drain: drain_period(&cfg),
+            first_request: cfg.downstream.client_timeout,
         };
         let mut svc = Service::new(name.to_string(), app);
         for l in listeners {
@@ -168,35 +174,6 @@ fn header_list_limit(cfg: &Config) -> u32 {
 /// one second, so they close before the runtimes are stopped.
 fn drain_period(cfg: &Config) -> std::time::Duration {
     std::time::Duration::from_secs(cfg.server.grace_period_seconds.saturating_sub(1))
-}
-
-/// Wraps the proxy app to make shutdown and graceful upgrade lossless for HTTP/1.1 keep-alive.
-///
-/// Pingora's own cleanup, run as soon as the listeners stop, aborts every keep-alive connection
-/// that is waiting for its next request. A client that is sending a request on one of them at
-/// that moment sees a reset. Deferring the cleanup keeps those connections readable during the
-/// drain: a request that arrives is served normally, with keep-alive off (Pingora does that once
-/// shutdown is flagged), so the client learns from `Connection: close` to reconnect, and reaches
-/// the new process. Connections still idle at the end of the drain are closed then.
-struct DeferredCleanup<A> {
-    inner: Arc<A>,
-    drain: std::time::Duration,
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for DeferredCleanup<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        session: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        self.inner.process_new(session, shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        tokio::time::sleep(self.drain).await;
-        self.inner.cleanup().await;
-    }
 }
 
 /// Whether this server has begun to shut down or hand over to a new process. One per server (not

@@ -545,6 +545,12 @@ impl RawConfig {
                 "header limits must be at least 1",
             ));
         }
+        if d.h2_idle_timeout_s == 0 {
+            return Err(invalid(
+                "downstream.h2_idle_timeout_s",
+                "must be at least 1",
+            ));
+        }
         if d.h2_max_concurrent_streams == 0 {
             return Err(invalid(
                 "downstream.h2_max_concurrent_streams",

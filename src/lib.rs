@@ -7,6 +7,8 @@
 //! # Layout
 //! - [`config`]: the YAML file's shape and its validation into a typed, ready-to-run `Config`.
 //! - [`app`]: builds the Pingora server and its services from a `Config`; the admin listener.
+//! - [`downstream`]: client connections around the proxy: first-request deadline, h2c sniffing,
+//!   and the deferred cleanup that makes graceful upgrades lossless.
 //! - [`proxy`]: the `ProxyHttp` implementation, hook by hook along a request's path.
 //! - [`rewrite`]: the streaming byte replacer (pure; no Pingora types).
 //! - [`structured`]: the schema-aware `json_schema` downgrade (pure JSON transform + policy).
@@ -16,6 +18,7 @@
 
 pub mod app;
 pub mod config;
+pub mod downstream;
 pub mod error;
 pub mod metrics;
 pub mod proxy;

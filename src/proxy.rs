@@ -295,10 +295,17 @@ impl Gateway {
         };
         let trusted = self.is_trusted(client);
         let client_text = client.to_string();
-        let xff = match req.headers.get("x-forwarded-for").map(|v| v.to_str()) {
-            Some(Ok(prev)) if trusted => format!("{prev}, {client_text}"),
-            _ => client_text.clone(),
-        };
+        // Several field lines are one list (RFC 9110 §5.3): keep every hop a trusted peer sent.
+        let mut xff = String::new();
+        if trusted {
+            for v in req.headers.get_all("x-forwarded-for") {
+                if let Ok(v) = v.to_str() {
+                    xff.push_str(v);
+                    xff.push_str(", ");
+                }
+            }
+        }
+        xff.push_str(&client_text);
         req.insert_header("x-forwarded-for", xff)?;
         if !(trusted && req.headers.contains_key("x-forwarded-proto")) {
             let proto = if self.tls_listener { &HTTPS } else { &HTTP };

@@ -1,0 +1,1511 @@
+//! The duties nginx had at the edge, end to end over real sockets: TLS listeners (HTTP/2 and
+//! HTTP/1.1 by ALPN, TLS 1.2 and 1.3, chained certificates, clear start-up errors), h2c beside
+//! HTTP/1.1, SSE through HTTP/2, the forwarding headers and `Via`, header limits (431), and the
+//! client-side idle timeouts, including memory returning near its baseline once many idle HTTP/2
+//! connections are closed. One test only prints TLS and plain throughput for the closing note.
+//!
+//! The memory test runs the real binary in its own process, so its RSS is the proxy's alone.
+//! The throughput test times the in-process proxy, so it runs alone: every other test holds
+//! [`shared`], it holds [`alone`].
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::client::CLIENT_TIMEOUT;
+use common::mock::{read_h1_head, Framing, H1Head};
+use common::*;
+use h2::client::SendRequest;
+use openssl::ssl::{SslConnector, SslConnectorBuilder, SslMethod, SslVersion};
+use pingora::server::configuration::Opt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tokio::task::JoinHandle;
+use tokio_openssl::SslStream;
+
+/// `arkgate -t` on an unusable configuration.
+const EXIT_BAD_CONFIG: i32 = 64;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Held shared by every test, and exclusively by the one that times the in-process proxy.
+static MEASURING: RwLock<()> = RwLock::const_new(());
+
+async fn shared() -> RwLockReadGuard<'static, ()> {
+    MEASURING.read().await
+}
+
+fn shared_blocking() -> RwLockReadGuard<'static, ()> {
+    MEASURING.blocking_read()
+}
+
+async fn alone() -> RwLockWriteGuard<'static, ()> {
+    MEASURING.write().await
+}
+
+type TlsStream = Pin<Box<SslStream<TcpStream>>>;
+
+/// A TLS client trusting `ca`, with `setup` choosing ALPN, versions, ciphers.
+fn tls_client(ca: &Path, setup: impl FnOnce(&mut SslConnectorBuilder)) -> SslConnector {
+    let mut b = SslConnector::builder(SslMethod::tls()).expect("TLS connector");
+    b.set_ca_file(ca).expect("trust the test CA");
+    setup(&mut b);
+    b.build()
+}
+
+/// A TLS connection to `addr` made by `client` (verifying the name `localhost`).
+async fn tls_handshake(addr: SocketAddr, client: &SslConnector) -> Result<TlsStream, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let ssl = client
+        .configure()
+        .and_then(|c| c.into_ssl("localhost"))
+        .expect("client TLS");
+    let mut tls = Box::pin(SslStream::new(ssl, tcp).expect("TLS stream"));
+    tokio::time::timeout(CLIENT_TIMEOUT, tls.as_mut().connect())
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(tls)
+}
+
+/// A TLS connection to `addr` trusting `ca`, with `setup` choosing ALPN, versions, ciphers.
+async fn tls_connect(
+    addr: SocketAddr,
+    ca: &Path,
+    setup: impl FnOnce(&mut SslConnectorBuilder),
+) -> Result<TlsStream, String> {
+    tls_handshake(addr, &tls_client(ca, setup)).await
+}
+
+fn alpn(protos: &'static [u8]) -> impl FnOnce(&mut SslConnectorBuilder) {
+    move |b| b.set_alpn_protos(protos).expect("ALPN list")
+}
+
+/// One HTTP/1.1 request on an open connection of any kind: status, head and body. The response
+/// must carry a `Content-Length`.
+async fn h1_on<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut BufReader<S>,
+    request: &[u8],
+) -> (u16, H1Head, Vec<u8>) {
+    let exchange = async {
+        io.get_mut()
+            .write_all(request)
+            .await
+            .expect("write request");
+        let head = read_h1_head(io)
+            .await
+            .expect("read response head")
+            .expect("a response, not a closed connection");
+        let status = std::str::from_utf8(&head.start[1])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .expect("numeric status");
+        let Framing::Length(n) = head.framing() else {
+            panic!("expected a Content-Length response");
+        };
+        let mut body = vec![0; n];
+        io.read_exact(&mut body).await.expect("read response body");
+        (status, head, body)
+    };
+    tokio::time::timeout(CLIENT_TIMEOUT, exchange)
+        .await
+        .expect("response within the client timeout")
+}
+
+/// An HTTP/2 client connection whose driver task reports when (and how) the connection ended.
+struct H2Conn {
+    send: SendRequest<Bytes>,
+    ended: JoinHandle<(Instant, Result<(), String>)>,
+}
+
+async fn h2_conn<T>(io: T) -> H2Conn
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, connection) = tokio::time::timeout(CLIENT_TIMEOUT, h2::client::handshake(io))
+        .await
+        .expect("h2 handshake within the client timeout")
+        .expect("h2 handshake");
+    let ended = tokio::spawn(async move {
+        let result = connection.await.map_err(|e| e.to_string());
+        (Instant::now(), result)
+    });
+    H2Conn { send, ended }
+}
+
+async fn h2c_conn(addr: SocketAddr) -> H2Conn {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    h2_conn(tcp).await
+}
+
+async fn h2_tls_conn(addr: SocketAddr, certs: &TestCerts) -> H2Conn {
+    let tls = tls_connect(addr, &certs.ca_path, alpn(b"\x02h2"))
+        .await
+        .expect("TLS connect");
+    assert_eq!(tls.ssl().selected_alpn_protocol(), Some(&b"h2"[..]));
+    h2_conn(tls).await
+}
+
+/// What an HTTP/2 request got: a head (and perhaps an error after it), or only an error.
+#[derive(Debug)]
+struct H2Reply {
+    status: u16,
+    body: Vec<u8>,
+    /// The stream failed after the head arrived.
+    error: Option<String>,
+}
+
+/// A bodiless GET on `send`; `Err` when no response head arrived (stream reset, closed
+/// connection).
+async fn h2_get(
+    send: &SendRequest<Bytes>,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> Result<H2Reply, String> {
+    let mut req = http::Request::builder().method("GET").uri(uri);
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let req = req.body(()).map_err(|e| e.to_string())?;
+    let exchange = async {
+        let mut send = send.clone().ready().await.map_err(|e| e.to_string())?;
+        let (response, _) = send.send_request(req, true).map_err(|e| e.to_string())?;
+        let (parts, mut body) = response.await.map_err(|e| e.to_string())?.into_parts();
+        let mut data = Vec::new();
+        let mut error = None;
+        while let Some(piece) = body.data().await {
+            match piece {
+                Ok(piece) => {
+                    let _ = body.flow_control().release_capacity(piece.len());
+                    data.extend_from_slice(&piece);
+                }
+                Err(e) => {
+                    error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        Ok(H2Reply {
+            status: parts.status.as_u16(),
+            body: data,
+            error,
+        })
+    };
+    tokio::time::timeout(CLIENT_TIMEOUT, exchange)
+        .await
+        .map_err(|_| "no h2 response within the client timeout".to_string())?
+}
+
+/// `VmRSS` from a `/proc/PID/status` text, in KiB.
+fn vm_rss(status: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("a VmRSS line")
+}
+
+/// Waits for the peer to close, reading and discarding what it sends first (an HTTP/2 server's
+/// SETTINGS): `Some(after)` with the time it took, `None` if it stayed open for `limit`.
+async fn wait_for_close<R: AsyncRead + Unpin>(io: &mut R, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = async {
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, closed)
+        .await
+        .ok()
+        .map(|_| start.elapsed())
+}
+
+fn ok_mock() -> MockUpstream {
+    MockUpstream::start(MockConfig::h1())
+}
+
+fn json_error_code(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|_| panic!("a JSON body, got {:?}", String::from_utf8_lossy(body)));
+    v["error"]["code"].as_str().unwrap_or_default().to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS listeners
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn curl_gets_http2_and_http11_from_a_tls_listener() {
+    let _g = shared().await;
+    let certs = TestCerts::generate();
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3"))
+        .tls_listener(&certs)
+        .start();
+    let url = proxy.tls_url("/models");
+    for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let out = curl(&[flag, "--cacert", certs.ca(), &url]).await;
+        assert_eq!(out.http_version, version, "curl {flag}");
+        assert_eq!(out.status, 200, "curl {flag}");
+        assert_eq!(out.body, br#"{"ok":true}"#, "curl {flag}");
+    }
+    let targets: Vec<String> = mock
+        .requests()
+        .iter()
+        .map(|r| r.target_str().to_string())
+        .collect();
+    assert_eq!(targets, ["/api/v3/models", "/api/v3/models"]);
+}
+
+#[tokio::test]
+async fn tls12_and_tls13_are_accepted_and_older_versions_are_not() {
+    let _g = shared().await;
+    let certs = TestCerts::generate();
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3"))
+        .tls_listener(&certs)
+        .start();
+    let url = proxy.tls_url("/models");
+    for flags in [
+        &["--http2", "--tlsv1.2", "--tls-max", "1.2"][..],
+        &["--http2", "--tlsv1.3"][..],
+        &["--http1.1", "--tlsv1.2", "--tls-max", "1.2"][..],
+    ] {
+        let mut args = flags.to_vec();
+        args.extend(["--cacert", certs.ca(), &url]);
+        let out = curl(&args).await;
+        assert_eq!(out.status, 200, "curl {flags:?}");
+    }
+
+    let addr = proxy.tls_addr.expect("TLS listener");
+    let tls12 = tls_connect(addr, &certs.ca_path, |b| {
+        b.set_max_proto_version(Some(SslVersion::TLS1_2))
+            .expect("max version");
+    })
+    .await
+    .expect("a TLS 1.2 handshake");
+    assert_eq!(tls12.ssl().version_str(), "TLSv1.2");
+    let tls13 = tls_connect(addr, &certs.ca_path, |b| {
+        b.set_min_proto_version(Some(SslVersion::TLS1_3))
+            .expect("min version");
+    })
+    .await
+    .expect("a TLS 1.3 handshake");
+    assert_eq!(tls13.ssl().version_str(), "TLSv1.3");
+
+    // A client willing to speak TLS 1.1 (security level 0 lets OpenSSL offer it) is refused.
+    let tls11 = tls_connect(addr, &certs.ca_path, |b| {
+        b.set_cipher_list("DEFAULT:@SECLEVEL=0").expect("ciphers");
+        b.set_min_proto_version(Some(SslVersion::TLS1_1))
+            .expect("min version");
+        b.set_max_proto_version(Some(SslVersion::TLS1_1))
+            .expect("max version");
+    })
+    .await;
+    assert!(tls11.is_err(), "a TLS 1.1 handshake succeeded");
+}
+
+#[tokio::test]
+async fn tls_alpn_offers_h2_and_http11() {
+    let _g = shared().await;
+    let certs = TestCerts::generate();
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3"))
+        .tls_listener(&certs)
+        .start();
+    let addr = proxy.tls_addr.expect("TLS listener");
+    let request = request_bytes("GET", "/models", &[], b"");
+
+    let both = tls_connect(addr, &certs.ca_path, alpn(b"\x02h2\x08http/1.1"))
+        .await
+        .expect("TLS");
+    assert_eq!(both.ssl().selected_alpn_protocol(), Some(&b"h2"[..]));
+
+    let h2_only = h2_tls_conn(addr, &certs).await;
+    let r = h2_get(
+        &h2_only.send,
+        &format!("https://localhost:{}/models", addr.port()),
+        &[],
+    )
+    .await
+    .expect("h2 response");
+    assert_eq!(r.status, 200);
+
+    let h1_only = tls_connect(addr, &certs.ca_path, alpn(b"\x08http/1.1"))
+        .await
+        .expect("TLS");
+    assert_eq!(
+        h1_only.ssl().selected_alpn_protocol(),
+        Some(&b"http/1.1"[..])
+    );
+    let (status, _, body) = h1_on(&mut BufReader::new(h1_only), &request).await;
+    assert_eq!((status, &body[..]), (200, &br#"{"ok":true}"#[..]));
+
+    // No ALPN at all (old clients, health checkers): HTTP/1.1.
+    let none = tls_connect(addr, &certs.ca_path, |_| {})
+        .await
+        .expect("TLS");
+    assert_eq!(none.ssl().selected_alpn_protocol(), None);
+    let (status, _, _) = h1_on(&mut BufReader::new(none), &request).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_chained_certificate_file_is_served_whole() {
+    let _g = shared().await;
+    let certs = TestCerts::generate();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let chain = dir.path().join("fullchain.pem");
+    let mut pem = std::fs::read(&certs.cert_path).expect("leaf PEM");
+    pem.extend(std::fs::read(&certs.ca_path).expect("CA PEM"));
+    std::fs::write(&chain, pem).expect("write the chain");
+
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3"))
+        .tls_listener_files(&chain, &certs.key_path)
+        .start();
+    let addr = proxy.tls_addr.expect("TLS listener");
+    let tls = tls_connect(addr, &certs.ca_path, alpn(b"\x08http/1.1"))
+        .await
+        .expect("the chain verifies against the CA");
+    let sent = tls.ssl().peer_cert_chain().map_or(0, |c| c.len());
+    assert_eq!(sent, 2, "the proxy sends the leaf and the CA from the file");
+    let (status, _, _) = h1_on(
+        &mut BufReader::new(tls),
+        &request_bytes("GET", "/models", &[], b""),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let out = curl(&["--http2", "--cacert", certs.ca(), &proxy.tls_url("/models")]).await;
+    assert_eq!((out.status, out.http_version.as_str()), (200, "2"));
+}
+
+fn tls_yaml(cert: &Path, key: &Path) -> String {
+    let path = |p: &Path| yaml_str(p.to_str().expect("UTF-8 path"));
+    format!(
+        "listen:\n  - {{addr: \"127.0.0.1:1\", tls: {{cert_path: {}, key_path: {}}}}}\n\
+         upstream: {{base_url: \"http://127.0.0.1:2/api/v3\"}}\nadmin: {{addr: ~}}\n",
+        path(cert),
+        path(key)
+    )
+}
+
+/// What `build_server` says about this certificate and key (it must refuse them).
+fn startup_error(cert: &Path, key: &Path) -> String {
+    let cfg = arkgate::Config::from_yaml(&tls_yaml(cert, key)).expect("the YAML itself is valid");
+    match arkgate::app::build_server(cfg, Opt::default()) {
+        Ok(_) => panic!(
+            "a server was built with certificate {} and key {}",
+            cert.display(),
+            key.display()
+        ),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Certificates for the start-up checks: the good pair, another pair's key, a missing file and
+/// a file that is not PEM.
+struct BadFiles {
+    certs: TestCerts,
+    other: TestCerts,
+    dir: tempfile::TempDir,
+}
+
+impl BadFiles {
+    fn new() -> BadFiles {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("garbage.pem"), "not a certificate\n").expect("write");
+        BadFiles {
+            certs: TestCerts::generate(),
+            other: TestCerts::generate(),
+            dir,
+        }
+    }
+
+    fn missing(&self) -> PathBuf {
+        self.dir.path().join("missing.pem")
+    }
+
+    fn garbage(&self) -> PathBuf {
+        self.dir.path().join("garbage.pem")
+    }
+}
+
+#[test]
+fn a_missing_certificate_or_key_is_a_startup_error_naming_the_file() {
+    let _g = shared_blocking();
+    let f = BadFiles::new();
+    let missing = f.missing();
+    let e = startup_error(&missing, &f.certs.key_path);
+    assert!(
+        e.contains(missing.to_str().expect("UTF-8")),
+        "the missing certificate is not named: {e}"
+    );
+    let e = startup_error(&f.certs.cert_path, &missing);
+    assert!(
+        e.contains(missing.to_str().expect("UTF-8")),
+        "the missing key is not named: {e}"
+    );
+}
+
+#[test]
+fn a_key_that_does_not_match_the_certificate_is_a_startup_error() {
+    let _g = shared_blocking();
+    let f = BadFiles::new();
+    let e = startup_error(&f.certs.cert_path, &f.other.key_path);
+    assert!(e.contains("does not match"), "{e}");
+    assert!(
+        e.contains(f.other.key_path.to_str().expect("UTF-8")),
+        "the key is not named: {e}"
+    );
+}
+
+#[test]
+fn a_certificate_that_is_not_pem_is_a_startup_error_naming_the_file() {
+    let _g = shared_blocking();
+    let f = BadFiles::new();
+    let garbage = f.garbage();
+    let e = startup_error(&garbage, &f.certs.key_path);
+    assert!(
+        e.contains(garbage.to_str().expect("UTF-8")),
+        "the bad certificate is not named: {e}"
+    );
+    let e = startup_error(&f.certs.cert_path, &garbage);
+    assert!(
+        e.contains(garbage.to_str().expect("UTF-8")),
+        "the bad key is not named: {e}"
+    );
+}
+
+fn config_test(path: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_arkgate"))
+        .args(["-t", "-c"])
+        .arg(path)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run arkgate -t")
+}
+
+#[test]
+fn config_test_reports_a_bad_certificate_in_one_line_and_exits_64() {
+    let _g = shared_blocking();
+    let f = BadFiles::new();
+    let missing = f.missing();
+    let cases = [
+        (
+            tls_yaml(&missing, &f.certs.key_path),
+            missing.to_str().expect("UTF-8").to_string(),
+        ),
+        (
+            tls_yaml(&f.certs.cert_path, &f.other.key_path),
+            "does not match".to_string(),
+        ),
+    ];
+    for (i, (yaml, expected)) in cases.iter().enumerate() {
+        let path = f.dir.path().join(format!("case{i}.yaml"));
+        std::fs::write(&path, yaml).expect("write config");
+        let out = config_test(&path);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(
+            out.status.code(),
+            Some(EXIT_BAD_CONFIG),
+            "case {i}: {:?}, stderr: {stderr}",
+            out.status
+        );
+        assert_eq!(lines.len(), 1, "case {i}: one line expected, got: {stderr}");
+        assert!(
+            lines[0].starts_with("invalid configuration:") && lines[0].contains(expected),
+            "case {i}: `{expected}` not in: {}",
+            lines[0]
+        );
+    }
+}
+
+#[test]
+fn config_test_accepts_the_shipped_edge_config_once_its_certificates_exist() {
+    let _g = shared_blocking();
+    let certs = TestCerts::generate();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml");
+    let text = std::fs::read_to_string(&shipped).expect("read conf/edge.yaml");
+    let cert = certs.cert_path.to_str().expect("UTF-8");
+    let key = certs.key_path.to_str().expect("UTF-8");
+    assert!(text.contains("/etc/arkgate/tls/fullchain.pem") && text.contains("privkey.pem"));
+    let text = text
+        .replace("/etc/arkgate/tls/fullchain.pem", cert)
+        .replace("/etc/arkgate/tls/privkey.pem", key);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("edge.yaml");
+    std::fs::write(&path, text).expect("write config");
+    let out = config_test(&path);
+    assert!(
+        out.status.success(),
+        "{:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// h2c
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn h2c_prior_knowledge_and_http11_share_a_plain_port() {
+    let _g = shared().await;
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3")).h2c().start();
+    let url = proxy.url("/models");
+
+    let out = curl(&["--http2-prior-knowledge", &url]).await;
+    assert_eq!((out.status, out.http_version.as_str()), (200, "2"));
+    let client = H2Client::connect(proxy.addr).await;
+    let r = client.request("GET", "/models", &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), r#"{"ok":true}"#);
+
+    let out = curl(&["--http1.1", &url]).await;
+    assert_eq!((out.status, out.http_version.as_str()), (200, "1.1"));
+    let r = h1(proxy.addr, "GET", "/models", &[], b"").await;
+    assert_eq!(r.status, 200);
+
+    assert_eq!(mock.request_count(), 4);
+    assert!(mock
+        .requests()
+        .iter()
+        .all(|r| r.target_str() == "/api/v3/models"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// SSE through HTTP/2 over TLS
+// ---------------------------------------------------------------------------------------------
+
+const SSE_GAP_MS: u64 = 200;
+const SSE_EVENTS: usize = 5;
+
+#[tokio::test]
+async fn sse_arrives_event_by_event_over_tls_http2() {
+    let _g = shared().await;
+    let events: Vec<(Duration, String)> = (0..SSE_EVENTS)
+        .map(|i| {
+            let gap = if i == 0 { ms(0) } else { ms(SSE_GAP_MS) };
+            (gap, format!("data: {{\"i\":{i}}}\n\n"))
+        })
+        .collect();
+    let expected: String = events.iter().map(|(_, e)| e.as_str()).collect();
+    let first_len = events[0].1.len();
+    let mock = MockUpstream::start(MockConfig::h1().reply(move |_| {
+        let events: Vec<(Duration, &str)> = events.iter().map(|(d, e)| (*d, e.as_str())).collect();
+        Reply::sse(&events)
+    }));
+    let certs = TestCerts::generate();
+    let proxy = proxy(&mock.base_url("/api/v3"))
+        .tls_listener(&certs)
+        .start();
+    let client = H2Client::connect_tls(proxy.tls_addr.expect("TLS listener"), &certs).await;
+    let r = client
+        .request(
+            "POST",
+            "/chat/completions",
+            &[("content-type", "application/json")],
+            br#"{"stream":true}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.error, None);
+    assert_eq!(r.text(), expected);
+    assert_eq!(r.header("x-accel-buffering"), Some("no"));
+    assert_eq!(r.header("cache-control"), Some("no-cache"));
+
+    let sent = mock.chunk_send_times();
+    assert_eq!(sent.len(), SSE_EVENTS);
+    assert!(
+        r.pieces.len() >= 3,
+        "events arrived one by one, not in {} pieces",
+        r.pieces.len()
+    );
+    let mut total = 0;
+    let first = r
+        .pieces
+        .iter()
+        .find_map(|(at, n)| {
+            total += n;
+            (total >= first_len).then_some(*at)
+        })
+        .expect("the first event arrived");
+    let last_sent = sent[SSE_EVENTS - 1];
+    assert!(
+        first + ms(2 * SSE_GAP_MS) < last_sent,
+        "the first event arrived only {:?} before the last was sent",
+        last_sent.saturating_duration_since(first)
+    );
+    assert!(
+        first.saturating_duration_since(sent[0]) < ms(300),
+        "the first event took {:?} to arrive",
+        first.saturating_duration_since(sent[0])
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarding headers and Via
+// ---------------------------------------------------------------------------------------------
+
+const SPOOFED: [(&str, &str); 3] = [
+    ("X-Forwarded-For", "1.2.3.4"),
+    ("X-Real-IP", "1.2.3.4"),
+    ("X-Forwarded-Proto", "https"),
+];
+
+/// (XFF values, X-Real-IP, X-Forwarded-Proto) as the upstream saw them last.
+fn forwarded_seen(mock: &MockUpstream) -> (Vec<String>, String, String) {
+    let r = mock.last_request();
+    let xff = r
+        .header_all("x-forwarded-for")
+        .iter()
+        .map(|v| String::from_utf8_lossy(v).to_string())
+        .collect();
+    let one = |name: &str| r.header_str(name).unwrap_or("<absent>").to_string();
+    (xff, one("x-real-ip"), one("x-forwarded-proto"))
+}
+
+fn seen(xff: &str, real_ip: &str, proto: &str) -> (Vec<String>, String, String) {
+    (
+        vec![xff.to_string()],
+        real_ip.to_string(),
+        proto.to_string(),
+    )
+}
+
+#[tokio::test]
+async fn client_forwarded_headers_are_replaced_unless_the_peer_is_trusted() {
+    let _g = shared().await;
+    let certs = TestCerts::generate();
+    // No trusted proxies, and a list that does not contain 127.0.0.1.
+    for section in [
+        "",
+        "forwarded: {trusted_proxies: [\"10.0.0.0/8\", \"::1/128\"]}\n",
+    ] {
+        let mock = ok_mock();
+        let proxy = proxy(&mock.base_url("/api/v3"))
+            .h2c()
+            .tls_listener(&certs)
+            .yaml(section)
+            .start();
+        let mut spoofed = SPOOFED.to_vec();
+        spoofed.push(("X-Forwarded-For", "5.6.7.8"));
+
+        let r = h1(proxy.addr, "GET", "/models", &spoofed, b"").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            forwarded_seen(&mock),
+            seen("127.0.0.1", "127.0.0.1", "http"),
+            "plain HTTP/1.1 ({section})"
+        );
+
+        let h2 = H2Client::connect(proxy.addr).await;
+        let r = h2.request("GET", "/models", &SPOOFED, b"").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            forwarded_seen(&mock),
+            seen("127.0.0.1", "127.0.0.1", "http"),
+            "h2c ({section})"
+        );
+
+        let mut args = vec!["--http1.1", "--cacert", certs.ca()];
+        let spoofed_args: Vec<String> = SPOOFED
+            .iter()
+            .map(|(n, v)| {
+                format!(
+                    "{n}: {}",
+                    if *n == "X-Forwarded-Proto" { "http" } else { v }
+                )
+            })
+            .collect();
+        for h in &spoofed_args {
+            args.extend(["-H", h.as_str()]);
+        }
+        let url = proxy.tls_url("/models");
+        args.push(&url);
+        let out = curl(&args).await;
+        assert_eq!(out.status, 200);
+        assert_eq!(
+            forwarded_seen(&mock),
+            seen("127.0.0.1", "127.0.0.1", "https"),
+            "TLS HTTP/1.1 ({section})"
+        );
+
+        let tls_h2 = H2Client::connect_tls(proxy.tls_addr.expect("TLS"), &certs).await;
+        let r = tls_h2
+            .request("GET", "/models", &[("x-forwarded-proto", "http")], b"")
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            forwarded_seen(&mock),
+            seen("127.0.0.1", "127.0.0.1", "https"),
+            "TLS h2 ({section})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_trusted_peers_forwarded_headers_are_kept_and_appended_to() {
+    let _g = shared().await;
+    let certs = TestCerts::generate();
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3"))
+        .h2c()
+        .tls_listener(&certs)
+        .yaml("forwarded: {trusted_proxies: [\"127.0.0.0/8\"]}\n")
+        .start();
+
+    let r = h1(proxy.addr, "GET", "/models", &SPOOFED, b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        forwarded_seen(&mock),
+        seen("1.2.3.4, 127.0.0.1", "1.2.3.4", "https"),
+        "plain HTTP/1.1"
+    );
+
+    // Nothing forwarded: the proxy fills in what it knows.
+    let r = h1(proxy.addr, "GET", "/models", &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        forwarded_seen(&mock),
+        seen("127.0.0.1", "127.0.0.1", "http")
+    );
+
+    let h2 = H2Client::connect(proxy.addr).await;
+    let r = h2
+        .request("GET", "/models", &[("x-forwarded-for", "1.2.3.4")], b"")
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        forwarded_seen(&mock),
+        seen("1.2.3.4, 127.0.0.1", "127.0.0.1", "http"),
+        "h2c"
+    );
+
+    let tls_h2 = H2Client::connect_tls(proxy.tls_addr.expect("TLS"), &certs).await;
+    let r = tls_h2
+        .request("GET", "/models", &[("x-forwarded-for", "1.2.3.4")], b"")
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        forwarded_seen(&mock),
+        seen("1.2.3.4, 127.0.0.1", "127.0.0.1", "https"),
+        "TLS h2"
+    );
+}
+
+/// RFC 9110 §5.3: several field lines are one comma-separated list, so a trusted proxy that
+/// sends the chain on two lines (as some do) must not lose the second.
+#[tokio::test]
+async fn a_trusted_peers_forwarded_for_on_several_lines_is_kept_whole() {
+    let _g = shared().await;
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3"))
+        .yaml("forwarded: {trusted_proxies: [\"127.0.0.0/8\"]}\n")
+        .start();
+    let r = h1(
+        proxy.addr,
+        "GET",
+        "/models",
+        &[
+            ("X-Forwarded-For", "1.2.3.4"),
+            ("X-Forwarded-For", "5.6.7.8"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let (xff, _, _) = forwarded_seen(&mock);
+    assert_eq!(xff.join(", "), "1.2.3.4, 5.6.7.8, 127.0.0.1");
+}
+
+#[tokio::test]
+async fn via_names_arkgate_by_default_and_can_be_switched_off() {
+    let _g = shared().await;
+    let mock = MockUpstream::start(MockConfig::h1().reply(|r| {
+        if r.target_str().ends_with("/proxied") {
+            Reply::full(200, &[("via", "1.1 upstream-lb")], "{}")
+        } else {
+            Reply::json("{}")
+        }
+    }));
+    let on = proxy(&mock.base_url("/api/v3")).h2c().start();
+    let r = h1(on.addr, "GET", "/models", &[], b"").await;
+    assert_eq!(r.header("via"), Some("1.1 arkgate"));
+    let r = H2Client::connect(on.addr)
+        .await
+        .request("GET", "/models", &[], b"")
+        .await;
+    assert_eq!(r.header("via"), Some("1.1 arkgate"));
+    // An upstream's own Via is kept, and ours follows it.
+    let r = h1(on.addr, "GET", "/proxied", &[], b"").await;
+    let via: Vec<String> = r
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("via"))
+        .map(|(_, v)| String::from_utf8_lossy(v).to_string())
+        .collect();
+    assert_eq!(via.join(", "), "1.1 upstream-lb, 1.1 arkgate");
+
+    let off = proxy(&mock.base_url("/api/v3"))
+        .h2c()
+        .yaml("forwarded: {via_header: false}\n")
+        .start();
+    let r = h1(off.addr, "GET", "/models", &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("via"), None);
+    let r = H2Client::connect(off.addr)
+        .await
+        .request("GET", "/models", &[], b"")
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("via"), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header limits
+// ---------------------------------------------------------------------------------------------
+
+const LIMITS: &str = "downstream: {max_headers: 10, max_header_bytes: 2048}\n";
+
+fn fields(n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| (format!("x-field-{i}"), "v".into()))
+        .collect()
+}
+
+fn as_refs(h: &[(String, String)]) -> Vec<(&str, &str)> {
+    h.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect()
+}
+
+#[tokio::test]
+async fn too_many_header_fields_get_431_over_http11() {
+    let _g = shared().await;
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3")).yaml(LIMITS).start();
+    // Host plus 9: at the limit.
+    let at_limit = fields(9);
+    let r = h1(proxy.addr, "GET", "/models", &as_refs(&at_limit), b"").await;
+    assert_eq!(r.status, 200);
+
+    let over = fields(12);
+    let r = h1(proxy.addr, "GET", "/models", &as_refs(&over), b"").await;
+    assert_eq!(r.status, 431);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(json_error_code(&r.body), "headers_too_large");
+    assert_eq!(
+        mock.request_count(),
+        1,
+        "the refused request never went upstream"
+    );
+
+    let r = h1(proxy.addr, "GET", "/models", &[], b"").await;
+    assert_eq!(r.status, 200, "the next request is served");
+}
+
+#[tokio::test]
+async fn an_oversized_header_section_gets_431_over_http11() {
+    let _g = shared().await;
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3")).yaml(LIMITS).start();
+    let fits = "a".repeat(1500);
+    let r = h1(proxy.addr, "GET", "/models", &[("x-big", &fits)], b"").await;
+    assert_eq!(r.status, 200);
+
+    let big = "a".repeat(3000);
+    let r = h1(proxy.addr, "GET", "/models", &[("x-big", &big)], b"").await;
+    assert_eq!(r.status, 431);
+    assert_eq!(json_error_code(&r.body), "headers_too_large");
+    // Many small fields adding up past the byte limit, under the count limit.
+    let spread: Vec<(String, String)> = (0..8)
+        .map(|i| (format!("x-part-{i}"), "b".repeat(300)))
+        .collect();
+    let r = h1(proxy.addr, "GET", "/models", &as_refs(&spread), b"").await;
+    assert_eq!(r.status, 431);
+    assert_eq!(mock.request_count(), 1);
+
+    let r = h1(proxy.addr, "GET", "/models", &[], b"").await;
+    assert_eq!(r.status, 200, "the next request is served");
+}
+
+#[tokio::test]
+async fn oversized_header_lists_over_http2_are_refused_and_the_connection_stays_usable() {
+    let _g = shared().await;
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3")).h2c().yaml(LIMITS).start();
+    let conn = h2c_conn(proxy.addr).await;
+    let uri = proxy.url("/models");
+
+    // Too many fields, small in bytes: the proxy's own check answers with the JSON error.
+    let over = fields(12);
+    let r = h2_get(&conn.send, &uri, &as_refs(&over))
+        .await
+        .expect("a response");
+    assert_eq!(r.status, 431);
+    assert_eq!(json_error_code(&r.body), "headers_too_large");
+
+    // Over max_header_bytes but inside HTTP/2's header-list cap (bytes + 32 per field): the
+    // proxy's check again.
+    let medium = "m".repeat(2060);
+    let r = h2_get(&conn.send, &uri, &[("x-big", &medium)])
+        .await
+        .expect("a response");
+    assert_eq!(r.status, 431);
+    assert_eq!(json_error_code(&r.body), "headers_too_large");
+
+    // Over HTTP/2's cap (max_header_bytes + 32 × max_headers = 2368 here) but within the h2
+    // crate's abuse margin (4× the cap): the HTTP/2 layer refuses the stream itself, before the
+    // proxy sees it (a bare 431, then a reset); the connection stays.
+    let over = "o".repeat(4000);
+    let refused = h2_get(&conn.send, &uri, &[("x-over", &over)]).await;
+    match &refused {
+        Ok(r) => assert_eq!(r.status, 431, "{r:?}"),
+        Err(e) => assert!(!e.is_empty(), "the stream was reset: {e}"),
+    }
+    assert_eq!(mock.request_count(), 0, "no refused request went upstream");
+    let r = h2_get(&conn.send, &uri, &[]).await.expect("a response");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(!conn.ended.is_finished(), "the connection was closed");
+
+    // Far over (more than 4× the cap): h2 takes it for abuse and ends the whole connection with
+    // GOAWAY(ENHANCE_YOUR_CALM). New connections, and the process, are unaffected.
+    let huge = "h".repeat(20_000);
+    let abuse = h2_get(&conn.send, &uri, &[("x-huge", &huge)]).await;
+    let err = abuse.as_ref().expect_err("the connection is refused");
+    assert!(
+        err.contains("excessive load") || err.contains("ENHANCE_YOUR_CALM"),
+        "{err}"
+    );
+    let (_, ended) = tokio::time::timeout(Duration::from_secs(2), conn.ended)
+        .await
+        .expect("the connection ended")
+        .expect("driver task");
+    let fresh = h2c_conn(proxy.addr).await;
+    let r = h2_get(&fresh.send, &uri, &[]).await.expect("a response");
+    assert_eq!(r.status, 200);
+    let r = h1(proxy.addr, "GET", "/models", &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(mock.request_count(), 3);
+    eprintln!(
+        "h2 header list over the cap: {}; far over: {err} (connection: {ended:?})",
+        match refused {
+            Ok(r) => format!("status {} then {:?}", r.status, r.error),
+            Err(e) => format!("stream error {e}"),
+        }
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client connection timeouts
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_idle_keepalive_connection_is_closed_after_the_keepalive_timeout() {
+    let _g = shared().await;
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3"))
+        .yaml("downstream: {keepalive_timeout_s: 1}\n")
+        .start();
+    let tcp = TcpStream::connect(proxy.addr).await.expect("connect");
+    let mut io = BufReader::new(tcp);
+    let request = request_bytes("GET", "/models", &[], b"");
+
+    // Two requests 500 ms apart: the connection is kept between them.
+    let (status, head, _) = h1_on(&mut io, &request).await;
+    assert_eq!(status, 200);
+    assert!(!head.has_token("connection", "close"));
+    tokio::time::sleep(ms(500)).await;
+    let (status, _, _) = h1_on(&mut io, &request).await;
+    assert_eq!(status, 200);
+
+    let closed = wait_for_close(&mut io, Duration::from_secs(4))
+        .await
+        .expect("the proxy closed the idle connection");
+    assert!(
+        closed >= ms(900) && closed <= Duration::from_secs(3),
+        "closed {closed:?} after the last response"
+    );
+}
+
+/// nginx's `client_header_timeout`: a connection that never sends a request is closed after
+/// `downstream.client_timeout_ms` (here 1 s), plain or TLS, not held for Pingora's built-in 60 s.
+#[tokio::test]
+async fn a_silent_http11_connection_is_closed_after_the_client_timeout() {
+    let _g = shared().await;
+    let certs = TestCerts::generate();
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3"))
+        .tls_listener(&certs)
+        .yaml("downstream: {keepalive_timeout_s: 1, client_timeout_ms: 1000}\n")
+        .start();
+    let limit = Duration::from_secs(3);
+    let (plain, tls) = tokio::join!(
+        async {
+            let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
+            wait_for_close(&mut tcp, limit).await
+        },
+        async {
+            let addr = proxy.tls_addr.expect("TLS listener");
+            let mut tls = tls_connect(addr, &certs.ca_path, alpn(b"\x08http/1.1"))
+                .await
+                .expect("TLS");
+            wait_for_close(&mut tls, limit).await
+        }
+    );
+    let in_time = |t: Option<Duration>| t.is_some_and(|t| t <= ms(2500));
+    assert!(
+        in_time(plain) && in_time(tls),
+        "silent HTTP/1.1 connections with client_timeout_ms: 1000 were closed after: plain \
+         {plain:?}, TLS {tls:?} (None: still open after {limit:?})"
+    );
+}
+
+/// Before an HTTP/2 connection exists there is no idle timer: the h2c listener waits for the
+/// 24-byte preface, and a TLS client that chose h2 owes the same preface. Neither wait may be
+/// endless, or idle clients hold sockets and memory without bound.
+#[tokio::test]
+async fn a_client_that_never_starts_http2_is_closed() {
+    let _g = shared().await;
+    let certs = TestCerts::generate();
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3"))
+        .h2c()
+        .tls_listener(&certs)
+        .yaml(
+            "downstream: {keepalive_timeout_s: 1, client_timeout_ms: 1000, h2_idle_timeout_s: 1}\n",
+        )
+        .start();
+    let limit = Duration::from_secs(3);
+    let (h2c, tls_h2) = tokio::join!(
+        async {
+            let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
+            wait_for_close(&mut tcp, limit).await
+        },
+        async {
+            let addr = proxy.tls_addr.expect("TLS listener");
+            let mut tls = tls_connect(addr, &certs.ca_path, alpn(b"\x02h2"))
+                .await
+                .expect("TLS");
+            wait_for_close(&mut tls, limit).await
+        }
+    );
+    let in_time = |t: Option<Duration>| t.is_some_and(|t| t <= ms(2500));
+    assert!(
+        in_time(h2c) && in_time(tls_h2),
+        "clients that sent nothing were closed after: h2c listener {h2c:?}, TLS with ALPN h2 \
+         {tls_h2:?} (None: still open after {limit:?})"
+    );
+}
+
+/// The h2c listener tells HTTP/2 from HTTP/1.1 by the preface; an HTTP/1.0 request shorter
+/// than the 24-byte preface (`GET / HTTP/1.0` and an empty line: 18 bytes, as simple health
+/// checkers send) must still be answered, as it is on a plain listener.
+#[tokio::test]
+async fn a_short_http10_request_is_answered_on_an_h2c_listener() {
+    let _g = shared().await;
+    let mock = ok_mock();
+    let plain = proxy(&mock.base_url("/api/v3")).start();
+    let h2c = proxy(&mock.base_url("/api/v3")).h2c().start();
+    let request = b"GET / HTTP/1.0\r\n\r\n";
+    let mut answers = Vec::new();
+    for addr in [plain.addr, h2c.addr] {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(request).await.expect("write");
+        let mut raw = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut raw)).await;
+        answers.push(match read {
+            Ok(Ok(_)) => String::from_utf8_lossy(&raw)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+            Ok(Err(e)) => format!("error: {e}"),
+            Err(_) => format!("no answer within 2 s ({} bytes)", raw.len()),
+        });
+    }
+    assert!(
+        answers[0].contains(" 200"),
+        "plain listener: {}",
+        answers[0]
+    );
+    assert!(answers[1].contains(" 200"), "h2c listener: {}", answers[1]);
+}
+
+#[tokio::test]
+async fn an_idle_tls_http2_connection_is_closed_after_the_idle_timeout() {
+    let _g = shared().await;
+    let certs = TestCerts::generate();
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3"))
+        .tls_listener(&certs)
+        .yaml("downstream: {h2_idle_timeout_s: 1}\n")
+        .start();
+    let addr = proxy.tls_addr.expect("TLS listener");
+    let conn = h2_tls_conn(addr, &certs).await;
+    let uri = format!("https://localhost:{}/models", addr.port());
+    let r = h2_get(&conn.send, &uri, &[]).await.expect("a response");
+    assert_eq!(r.status, 200);
+    let done = Instant::now();
+    let (closed_at, _) = tokio::time::timeout(Duration::from_secs(4), conn.ended)
+        .await
+        .expect("the proxy closed the idle connection within 4 s")
+        .expect("driver task");
+    let idle = closed_at - done;
+    assert!(
+        idle >= ms(900) && idle <= Duration::from_secs(3),
+        "closed after {idle:?} idle"
+    );
+}
+
+/// `h2_idle_timeout_s: 0` must either be refused at start-up or mean "no idle timeout"; it must
+/// not close every HTTP/2 connection the moment it has no stream.
+#[tokio::test]
+async fn a_zero_h2_idle_timeout_does_not_close_connections_at_once() {
+    let _g = shared().await;
+    let mock = ok_mock();
+    let section = "downstream: {h2_idle_timeout_s: 0}\n";
+    let base = mock.base_url("/api/v3");
+    let yaml = format!("listen: [{{addr: \"127.0.0.1:1\", h2c: true}}]\n{section}");
+    if let Err(e) = arkgate::Config::from_yaml(&yaml) {
+        assert!(e.to_string().contains("h2_idle_timeout_s"), "{e}");
+        return;
+    }
+    let proxy = proxy(&base).h2c().yaml(section).start();
+    let conn = h2c_conn(proxy.addr).await;
+    // A client that takes a moment before its first request (or between two).
+    tokio::time::sleep(ms(200)).await;
+    let r = h2_get(&conn.send, &proxy.url("/models"), &[]).await;
+    assert!(
+        matches!(&r, Ok(r) if r.status == 200),
+        "h2_idle_timeout_s: 0 was accepted, and a request 200 ms after the handshake got {r:?}"
+    );
+}
+
+#[tokio::test]
+async fn h2_max_concurrent_streams_is_what_the_server_advertises() {
+    let _g = shared().await;
+    let certs = TestCerts::generate();
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3"))
+        .h2c()
+        .tls_listener(&certs)
+        .yaml("downstream: {h2_max_concurrent_streams: 7}\n")
+        .start();
+    let addr = proxy.tls_addr.expect("TLS listener");
+    for (conn, uri) in [
+        (h2c_conn(proxy.addr).await, proxy.url("/models")),
+        (
+            h2_tls_conn(addr, &certs).await,
+            format!("https://localhost:{}/models", addr.port()),
+        ),
+    ] {
+        let r = h2_get(&conn.send, &uri, &[]).await.expect("a response");
+        assert_eq!(r.status, 200);
+        assert_eq!(conn.send.current_max_send_streams(), 7, "{uri}");
+    }
+}
+
+/// The real `arkgate` binary in its own process (so its memory is its own), killed on drop.
+struct ArkgateProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl ArkgateProcess {
+    /// Starts `arkgate -c FILE` on a free port with `h2c: true` and `extra` YAML appended.
+    fn start(upstream_base_url: &str, extra: &str) -> ArkgateProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let addr = common::proxy::free_addr();
+        let path = |name: &str| yaml_str(dir.path().join(name).to_str().expect("UTF-8"));
+        let yaml = format!(
+            "listen: [{{addr: \"{addr}\", h2c: true}}]\n\
+             upstream: {{base_url: {}, connect_timeout_ms: 1000}}\n\
+             admin: {{addr: ~}}\n\
+             logging: {{sample_rate: 0}}\n\
+             server: {{threads: 2, pid_file: {}, upgrade_sock: {}, grace_period_seconds: 0, \
+             graceful_shutdown_timeout_seconds: 0}}\n{extra}",
+            yaml_str(upstream_base_url),
+            path("arkgate.pid"),
+            path("upgrade.sock"),
+        );
+        let conf = dir.path().join("arkgate.yaml");
+        std::fs::write(&conf, yaml).expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_arkgate"))
+            .arg("-c")
+            .arg(&conf)
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start arkgate");
+        let mut p = ArkgateProcess {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect_timeout(&addr, ms(200)).is_err() {
+            assert!(
+                p.child.try_wait().expect("child status").is_none(),
+                "arkgate exited before it listened"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "arkgate never listened on {addr}"
+            );
+            std::thread::sleep(ms(10));
+        }
+        p
+    }
+
+    /// The process's resident set size, in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/PID/status");
+        vm_rss(&status)
+    }
+
+    /// How many file descriptors the process holds.
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .expect("read /proc/PID/fd")
+            .count()
+    }
+}
+
+impl Drop for ArkgateProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One round of the idle test: `n` HTTP/2 connections each complete one request and go quiet.
+/// Returns how long each stayed open after its response, once all have been closed by the
+/// proxy, and calls `at_peak` while all are open.
+async fn idle_h2_round(addr: SocketAddr, n: usize, at_peak: impl FnOnce()) -> Vec<Duration> {
+    let uri = format!("http://{addr}/models");
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let c = h2c_conn(addr).await;
+        let r = h2_get(&c.send, &uri, &[]).await;
+        assert!(
+            matches!(&r, Ok(r) if r.status == 200),
+            "connection {i}: {r:?}"
+        );
+        conns.push((Instant::now(), c));
+    }
+    at_peak();
+    let opened = Instant::now();
+    let mut idle = Vec::with_capacity(n);
+    let mut senders = Vec::with_capacity(n);
+    for (i, (done, c)) in conns.into_iter().enumerate() {
+        // Keep the sender: this client never closes on its own; only the proxy can.
+        senders.push(c.send);
+        let left = (opened + Duration::from_secs(5)).saturating_duration_since(Instant::now());
+        let (closed_at, _) = tokio::time::timeout(left, c.ended)
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} still open 5 s after the last was opened"))
+            .expect("driver task");
+        idle.push(closed_at - done);
+    }
+    idle
+}
+
+/// Many HTTP/2 clients that finish a request and go quiet are all closed by the proxy after
+/// `h2_idle_timeout_s`, and the proxy lets go of them: its sockets go back to the baseline count
+/// and its RSS (the real binary, measured alone) stays within 20 MiB of where it was before they
+/// opened. glibc keeps freed pages (RSS after the close equals the peak; see the printed line),
+/// so a second round checks the memory is reused rather than accumulated: it may add at most
+/// 60% of what the first added (a leak would add about as much again).
+#[tokio::test]
+async fn many_idle_http2_connections_are_closed_and_memory_returns_near_baseline() {
+    const CONNECTIONS: usize = 200;
+    const TOLERANCE_KIB: u64 = 20 * 1024;
+    // The proxy is its own process: other tests may run beside this one.
+    let _g = shared().await;
+    let mock = ok_mock();
+    let proxy = ArkgateProcess::start(
+        &mock.base_url("/api/v3"),
+        "downstream: {h2_idle_timeout_s: 1}\n",
+    );
+
+    // Warm up (runtimes, pools, the upstream connection) before the baseline.
+    let _ = idle_h2_round(proxy.addr, 20, || {}).await;
+    tokio::time::sleep(ms(200)).await;
+    let (baseline, baseline_fds) = (proxy.rss_kib(), proxy.open_fds());
+    let mut report = format!("arkgate RSS before {baseline} KiB ({baseline_fds} fds)");
+    let mut afters = Vec::new();
+    for round in 1..=2 {
+        let mut peak = (0, 0);
+        let idle = idle_h2_round(proxy.addr, CONNECTIONS, || {
+            peak = (proxy.rss_kib(), proxy.open_fds())
+        })
+        .await;
+        let shortest = idle.iter().min().copied().unwrap_or_default();
+        let longest = idle.iter().max().copied().unwrap_or_default();
+        assert!(
+            shortest >= ms(900),
+            "round {round}: a connection was closed after only {shortest:?} idle"
+        );
+        assert!(
+            longest <= Duration::from_secs(4),
+            "round {round}: a connection stayed open {longest:?} idle"
+        );
+        tokio::time::sleep(ms(300)).await;
+        let (after, fds) = (proxy.rss_kib(), proxy.open_fds());
+        report += &format!(
+            "; round {round}: {CONNECTIONS} idle open {} KiB ({} fds), all closed by the proxy \
+             after {shortest:.2?}..{longest:.2?} idle, then {after} KiB ({fds} fds)",
+            peak.0, peak.1
+        );
+        assert!(
+            fds <= baseline_fds + 2,
+            "the proxy still holds sockets: {report}"
+        );
+        afters.push(after);
+    }
+    println!("idle h2 connections: {report}");
+    let first = afters[0].saturating_sub(baseline);
+    let second = afters[1].saturating_sub(afters[0]);
+    assert!(
+        first <= TOLERANCE_KIB,
+        "RSS did not come back near its baseline: {report}"
+    );
+    assert!(
+        second * 10 <= first * 6,
+        "the second round added {second} KiB after the first added {first} KiB: {report}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Figures for the closing note (printed, not asserted)
+// ---------------------------------------------------------------------------------------------
+
+/// Sequential requests on one keep-alive connection: plain HTTP/1.1, TLS HTTP/1.1, TLS h2; then
+/// fresh TLS handshakes, and fresh plain connections with one request each. Run with `--nocapture` to see the figures.
+#[tokio::test]
+async fn tls_and_plain_throughput_figures_are_printed() {
+    const REQUESTS: usize = 2000;
+    const HANDSHAKES: usize = 300;
+    let _g = alone().await;
+    let certs = TestCerts::generate();
+    let mock = ok_mock();
+    let proxy = proxy(&mock.base_url("/api/v3"))
+        .tls_listener(&certs)
+        .start();
+    let tls_addr = proxy.tls_addr.expect("TLS listener");
+    let request = request_bytes("GET", "/models", &[], b"");
+    let per_second = |n: usize, t: Duration| n as f64 / t.as_secs_f64();
+    let mut lines = Vec::new();
+
+    async fn h1_run<S: AsyncRead + AsyncWrite + Unpin>(
+        io: &mut BufReader<S>,
+        request: &[u8],
+        n: usize,
+    ) -> Duration {
+        for _ in 0..50 {
+            assert_eq!(h1_on(io, request).await.0, 200);
+        }
+        let start = Instant::now();
+        for _ in 0..n {
+            assert_eq!(h1_on(io, request).await.0, 200);
+        }
+        start.elapsed()
+    }
+
+    async fn h2_run(conn: &H2Conn, uri: &str, n: usize) -> Duration {
+        for _ in 0..50 {
+            assert_eq!(h2_get(&conn.send, uri, &[]).await.expect("h2").status, 200);
+        }
+        let start = Instant::now();
+        for _ in 0..n {
+            assert_eq!(h2_get(&conn.send, uri, &[]).await.expect("h2").status, 200);
+        }
+        start.elapsed()
+    }
+
+    let tcp = TcpStream::connect(proxy.addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let t = h1_run(&mut BufReader::new(tcp), &request, REQUESTS).await;
+    lines.push(format!(
+        "plain HTTP/1.1 keep-alive: {:.0} req/s",
+        per_second(REQUESTS, t)
+    ));
+
+    let tls = tls_connect(tls_addr, &certs.ca_path, alpn(b"\x08http/1.1"))
+        .await
+        .expect("TLS");
+    let version = tls.ssl().version_str();
+    let t = h1_run(&mut BufReader::new(tls), &request, REQUESTS).await;
+    lines.push(format!(
+        "{version} HTTP/1.1 keep-alive: {:.0} req/s",
+        per_second(REQUESTS, t)
+    ));
+
+    let conn = h2_tls_conn(tls_addr, &certs).await;
+    let uri = format!("https://localhost:{}/models", tls_addr.port());
+    let t = h2_run(&conn, &uri, REQUESTS).await;
+    lines.push(format!(
+        "{version} h2, one stream at a time: {:.0} req/s",
+        per_second(REQUESTS, t)
+    ));
+
+    let client = tls_client(&certs.ca_path, alpn(b"\x08http/1.1"));
+    let start = Instant::now();
+    for _ in 0..HANDSHAKES {
+        let tls = tls_handshake(tls_addr, &client).await.expect("TLS");
+        drop(tls);
+    }
+    let t = start.elapsed();
+    lines.push(format!(
+        "fresh {version} handshakes (P-256 certificate, no resumption): {:.0} handshakes/s",
+        per_second(HANDSHAKES, t)
+    ));
+
+    let start = Instant::now();
+    for _ in 0..HANDSHAKES {
+        let tcp = TcpStream::connect(proxy.addr).await.expect("connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        assert_eq!(h1_on(&mut BufReader::new(tcp), &request).await.0, 200);
+    }
+    let t = start.elapsed();
+    lines.push(format!(
+        "fresh plain connection + one request each: {:.0} conn/s",
+        per_second(HANDSHAKES, t)
+    ));
+
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    println!(
+        "edge throughput ({profile} build, proxy with 2 threads, in-process mock upstream over \
+         plain HTTP/1.1, {REQUESTS} sequential requests per connection):"
+    );
+    for l in lines {
+        println!("  {l}");
+    }
+    assert!(mock.request_count() >= 3 * REQUESTS);
+}
