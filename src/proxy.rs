@@ -285,6 +285,8 @@ impl Gateway {
         }
     }
 
+    /// `X-Forwarded-For` (appended to only for a trusted peer), `X-Forwarded-Proto`, `X-Real-IP`.
+    /// Names are title-case literals: Pingora keeps them as given, without copying.
     fn set_forwarded_headers(&self, session: &Session, req: &mut RequestHeader) -> Result<()> {
         let Some(client) = session
             .client_addr()
@@ -294,25 +296,27 @@ impl Gateway {
             return Ok(());
         };
         let trusted = self.is_trusted(client);
-        let client_text = client.to_string();
-        // Several field lines are one list (RFC 9110 §5.3): keep every hop a trusted peer sent.
-        let mut xff = String::new();
-        if trusted {
+        let ip = HeaderValue::try_from(client.to_string())
+            .or_err(ErrorType::InternalError, "client address")?;
+        let xff = if trusted && req.headers.contains_key("x-forwarded-for") {
+            // Several field lines are one list (RFC 9110 §5.3): keep every hop a trusted peer sent.
+            let mut list = Vec::new();
             for v in req.headers.get_all("x-forwarded-for") {
-                if let Ok(v) = v.to_str() {
-                    xff.push_str(v);
-                    xff.push_str(", ");
-                }
+                list.extend_from_slice(v.as_bytes());
+                list.extend_from_slice(b", ");
             }
-        }
-        xff.push_str(&client_text);
-        req.insert_header("x-forwarded-for", xff)?;
+            list.extend_from_slice(ip.as_bytes());
+            HeaderValue::from_bytes(&list).or_err(ErrorType::InternalError, "forwarded-for")?
+        } else {
+            ip.clone()
+        };
+        req.insert_header("X-Forwarded-For", xff)?;
         if !(trusted && req.headers.contains_key("x-forwarded-proto")) {
             let proto = if self.tls_listener { &HTTPS } else { &HTTP };
-            req.insert_header("x-forwarded-proto", proto.clone())?;
+            req.insert_header("X-Forwarded-Proto", proto.clone())?;
         }
         if !(trusted && req.headers.contains_key("x-real-ip")) {
-            req.insert_header("x-real-ip", client_text)?;
+            req.insert_header("X-Real-IP", ip)?;
         }
         Ok(())
     }
@@ -618,7 +622,7 @@ impl ProxyHttp for Gateway {
             || matches!(ctx.plan, BodyPlan::Hold(_)) && self.cfg.structured.has_bytes_mode();
         if may_rewrite_responses {
             // A byte rule cannot see through compression: ask for the body as is.
-            req.insert_header(header::ACCEPT_ENCODING, IDENTITY.clone())?;
+            req.insert_header("Accept-Encoding", IDENTITY.clone())?;
         }
         match &ctx.plan {
             BodyPlan::Replace(body) => {
@@ -730,7 +734,7 @@ impl ProxyHttp for Gateway {
             resp.insert_header(header::CACHE_CONTROL, NO_CACHE.clone())?;
         }
         if self.cfg.forwarded.via_header {
-            resp.append_header(header::VIA, VIA.clone())?;
+            resp.append_header("Via", VIA.clone())?;
         }
         Ok(())
     }

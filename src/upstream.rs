@@ -101,7 +101,13 @@ impl UpstreamPool {
     /// One peer with every option from config; built once per address, cloned per request.
     fn build_peer(&self, addr: SocketAddr) -> HttpPeer {
         let cfg = &self.cfg;
-        let mut peer = HttpPeer::new(addr, cfg.tls, cfg.hostname.clone());
+        // SNI only matters for TLS; an empty one costs no copy per request for plain upstreams.
+        let sni = if cfg.tls {
+            cfg.hostname.clone()
+        } else {
+            String::new()
+        };
+        let mut peer = HttpPeer::new(addr, cfg.tls, sni);
         let o = &mut peer.options;
         o.connection_timeout = Some(cfg.connect_timeout);
         o.total_connection_timeout = Some(cfg.connect_timeout);
