@@ -176,9 +176,11 @@ impl BackgroundService for DnsRefresher {
                     );
                 }
             }
-            // Retry quickly while nothing has resolved yet.
+            // While nothing has resolved yet, retry soon (1 s, 2 s, 4 s, … up to the refresh
+            // period) rather than leave requests failing for a whole period.
             let wait = if failures > 0 && self.pool.addresses().is_empty() {
-                every.min(std::time::Duration::from_secs(1))
+                let backoff = std::time::Duration::from_secs(1 << (failures - 1).min(10));
+                every.min(backoff)
             } else {
                 every
             };
