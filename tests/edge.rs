@@ -13,12 +13,14 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::client::CLIENT_TIMEOUT;
 use common::mock::{read_h1_head, Framing, H1Head};
+use common::process::{
+    assert_config_test_accepts, config_test_rejection, path_str, ArkgateProcess, ScratchDir,
+};
 use common::*;
 use h2::client::SendRequest;
 use openssl::ssl::{SslConnector, SslConnectorBuilder, SslMethod, SslVersion};
@@ -28,9 +30,6 @@ use tokio::net::TcpStream;
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::task::JoinHandle;
 use tokio_openssl::SslStream;
-
-/// `arkgate -t` on an unusable configuration.
-const EXIT_BAD_CONFIG: i32 = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -443,23 +442,23 @@ impl BadFiles {
     fn garbage(&self) -> PathBuf {
         self.dir.path().join("garbage.pem")
     }
+
+    /// `bad` in place of the certificate, then of the key: each is a start-up error naming it
+    /// (`what` describes it in failure messages).
+    fn assert_startup_errors_name(&self, bad: &Path, what: &str) {
+        let name = bad.to_str().expect("UTF-8");
+        let e = startup_error(bad, &self.certs.key_path);
+        assert!(e.contains(name), "the {what} certificate is not named: {e}");
+        let e = startup_error(&self.certs.cert_path, bad);
+        assert!(e.contains(name), "the {what} key is not named: {e}");
+    }
 }
 
 #[test]
 fn a_missing_certificate_or_key_is_a_startup_error_naming_the_file() {
     let _g = shared_blocking();
     let f = BadFiles::new();
-    let missing = f.missing();
-    let e = startup_error(&missing, &f.certs.key_path);
-    assert!(
-        e.contains(missing.to_str().expect("UTF-8")),
-        "the missing certificate is not named: {e}"
-    );
-    let e = startup_error(&f.certs.cert_path, &missing);
-    assert!(
-        e.contains(missing.to_str().expect("UTF-8")),
-        "the missing key is not named: {e}"
-    );
+    f.assert_startup_errors_name(&f.missing(), "missing");
 }
 
 #[test]
@@ -478,27 +477,7 @@ fn a_key_that_does_not_match_the_certificate_is_a_startup_error() {
 fn a_certificate_that_is_not_pem_is_a_startup_error_naming_the_file() {
     let _g = shared_blocking();
     let f = BadFiles::new();
-    let garbage = f.garbage();
-    let e = startup_error(&garbage, &f.certs.key_path);
-    assert!(
-        e.contains(garbage.to_str().expect("UTF-8")),
-        "the bad certificate is not named: {e}"
-    );
-    let e = startup_error(&f.certs.cert_path, &garbage);
-    assert!(
-        e.contains(garbage.to_str().expect("UTF-8")),
-        "the bad key is not named: {e}"
-    );
-}
-
-fn config_test(path: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_arkgate"))
-        .args(["-t", "-c"])
-        .arg(path)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run arkgate -t")
+    f.assert_startup_errors_name(&f.garbage(), "bad");
 }
 
 #[test]
@@ -519,20 +498,10 @@ fn config_test_reports_a_bad_certificate_in_one_line_and_exits_64() {
     for (i, (yaml, expected)) in cases.iter().enumerate() {
         let path = f.dir.path().join(format!("case{i}.yaml"));
         std::fs::write(&path, yaml).expect("write config");
-        let out = config_test(&path);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(
-            out.status.code(),
-            Some(EXIT_BAD_CONFIG),
-            "case {i}: {:?}, stderr: {stderr}",
-            out.status
-        );
-        assert_eq!(lines.len(), 1, "case {i}: one line expected, got: {stderr}");
+        let line = config_test_rejection(&path, &format!("case {i}"));
         assert!(
-            lines[0].starts_with("invalid configuration:") && lines[0].contains(expected),
-            "case {i}: `{expected}` not in: {}",
-            lines[0]
+            line.starts_with("invalid configuration:") && line.contains(expected),
+            "case {i}: `{expected}` not in: {line}"
         );
     }
 }
@@ -552,13 +521,7 @@ fn config_test_accepts_the_shipped_edge_config_once_its_certificates_exist() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("edge.yaml");
     std::fs::write(&path, text).expect("write config");
-    let out = config_test(&path);
-    assert!(
-        out.status.success(),
-        "{:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_config_test_accepts(&path);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -619,12 +582,7 @@ async fn sse_arrives_event_by_event_over_tls_http2() {
         .start();
     let client = H2Client::connect_tls(proxy.tls_addr.expect("TLS listener"), &certs).await;
     let r = client
-        .request(
-            "POST",
-            "/chat/completions",
-            &[("content-type", "application/json")],
-            br#"{"stream":true}"#,
-        )
+        .post_json("/chat/completions", br#"{"stream":true}"#)
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.error, None);
@@ -683,133 +641,139 @@ fn forwarded_seen(mock: &MockUpstream) -> (Vec<String>, String, String) {
     (xff, one("x-real-ip"), one("x-forwarded-proto"))
 }
 
-fn seen(xff: &str, real_ip: &str, proto: &str) -> (Vec<String>, String, String) {
-    (
-        vec![xff.to_string()],
-        real_ip.to_string(),
-        proto.to_string(),
-    )
+/// How a client reaches the proxy in the forwarding tests.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    /// HTTP/1.1 on the plain listener.
+    PlainH1,
+    /// HTTP/2 with prior knowledge on the plain listener.
+    H2c,
+    /// HTTP/1.1 over TLS (curl).
+    TlsH1,
+    /// HTTP/2 over TLS.
+    TlsH2,
 }
 
-#[tokio::test]
-async fn client_forwarded_headers_are_replaced_unless_the_peer_is_trusted() {
-    let _g = shared().await;
-    let certs = TestCerts::generate();
-    // No trusted proxies, and a list that does not contain 127.0.0.1.
-    for section in [
-        "",
-        "forwarded: {trusted_proxies: [\"10.0.0.0/8\", \"::1/128\"]}\n",
-    ] {
+/// A proxy with an h2c-capable plain listener and a TLS listener, in front of [`ok_mock`].
+/// (Fields drop in order: the proxy stops first.)
+struct ForwardingSetup {
+    proxy: Proxy,
+    mock: MockUpstream,
+    certs: TestCerts,
+    /// The extra YAML, named in failure messages.
+    section: String,
+}
+
+impl ForwardingSetup {
+    fn start(section: &str) -> ForwardingSetup {
+        let certs = TestCerts::generate();
         let mock = ok_mock();
         let proxy = proxy(&mock.base_url("/api/v3"))
             .h2c()
             .tls_listener(&certs)
             .yaml(section)
             .start();
+        ForwardingSetup {
+            proxy,
+            mock,
+            certs,
+            section: section.to_string(),
+        }
+    }
+
+    /// `GET /models` with `headers` by `route`; returns the status.
+    async fn get_models(&self, route: Route, headers: &[(&str, &str)]) -> u16 {
+        let addr = self.proxy.addr;
+        match route {
+            Route::PlainH1 => h1(addr, "GET", "/models", headers, b"").await.status,
+            Route::H2c => {
+                let client = H2Client::connect(addr).await;
+                client.request("GET", "/models", headers, b"").await.status
+            }
+            Route::TlsH1 => {
+                let header_args: Vec<String> =
+                    headers.iter().map(|(n, v)| format!("{n}: {v}")).collect();
+                let mut args = vec!["--http1.1", "--cacert", self.certs.ca()];
+                for h in &header_args {
+                    args.extend(["-H", h.as_str()]);
+                }
+                let url = self.proxy.tls_url("/models");
+                args.push(&url);
+                curl(&args).await.status
+            }
+            Route::TlsH2 => {
+                let tls_addr = self.proxy.tls_addr.expect("TLS");
+                let client = H2Client::connect_tls(tls_addr, &self.certs).await;
+                client.request("GET", "/models", headers, b"").await.status
+            }
+        }
+    }
+
+    /// Sends `GET /models` with `headers` by `route`, and asserts a 200 and the forwarding
+    /// headers the upstream saw: one X-Forwarded-For line `xff`, X-Real-IP and
+    /// X-Forwarded-Proto.
+    async fn assert_forwarded(
+        &self,
+        route: Route,
+        headers: &[(&str, &str)],
+        (xff, real_ip, proto): (&str, &str, &str),
+    ) {
+        let what = format!("{route:?} ({})", self.section.trim());
+        assert_eq!(self.get_models(route, headers).await, 200, "{what}");
+        assert_eq!(
+            forwarded_seen(&self.mock),
+            (
+                vec![xff.to_string()],
+                real_ip.to_string(),
+                proto.to_string()
+            ),
+            "{what}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn client_forwarded_headers_are_replaced_unless_the_peer_is_trusted() {
+    let _g = shared().await;
+    // No trusted proxies, and a list that does not contain 127.0.0.1.
+    for section in [
+        "",
+        "forwarded: {trusted_proxies: [\"10.0.0.0/8\", \"::1/128\"]}\n",
+    ] {
+        let f = ForwardingSetup::start(section);
+        let plain = ("127.0.0.1", "127.0.0.1", "http");
+        let tls = ("127.0.0.1", "127.0.0.1", "https");
         let mut spoofed = SPOOFED.to_vec();
         spoofed.push(("X-Forwarded-For", "5.6.7.8"));
-
-        let r = h1(proxy.addr, "GET", "/models", &spoofed, b"").await;
-        assert_eq!(r.status, 200);
-        assert_eq!(
-            forwarded_seen(&mock),
-            seen("127.0.0.1", "127.0.0.1", "http"),
-            "plain HTTP/1.1 ({section})"
-        );
-
-        let h2 = H2Client::connect(proxy.addr).await;
-        let r = h2.request("GET", "/models", &SPOOFED, b"").await;
-        assert_eq!(r.status, 200);
-        assert_eq!(
-            forwarded_seen(&mock),
-            seen("127.0.0.1", "127.0.0.1", "http"),
-            "h2c ({section})"
-        );
-
-        let mut args = vec!["--http1.1", "--cacert", certs.ca()];
-        let spoofed_args: Vec<String> = SPOOFED
+        f.assert_forwarded(Route::PlainH1, &spoofed, plain).await;
+        f.assert_forwarded(Route::H2c, &SPOOFED, plain).await;
+        let spoofed_http: Vec<(&str, &str)> = SPOOFED
             .iter()
-            .map(|(n, v)| {
-                format!(
-                    "{n}: {}",
-                    if *n == "X-Forwarded-Proto" { "http" } else { v }
-                )
-            })
+            .map(|&(n, v)| (n, if n == "X-Forwarded-Proto" { "http" } else { v }))
             .collect();
-        for h in &spoofed_args {
-            args.extend(["-H", h.as_str()]);
-        }
-        let url = proxy.tls_url("/models");
-        args.push(&url);
-        let out = curl(&args).await;
-        assert_eq!(out.status, 200);
-        assert_eq!(
-            forwarded_seen(&mock),
-            seen("127.0.0.1", "127.0.0.1", "https"),
-            "TLS HTTP/1.1 ({section})"
-        );
-
-        let tls_h2 = H2Client::connect_tls(proxy.tls_addr.expect("TLS"), &certs).await;
-        let r = tls_h2
-            .request("GET", "/models", &[("x-forwarded-proto", "http")], b"")
-            .await;
-        assert_eq!(r.status, 200);
-        assert_eq!(
-            forwarded_seen(&mock),
-            seen("127.0.0.1", "127.0.0.1", "https"),
-            "TLS h2 ({section})"
-        );
+        f.assert_forwarded(Route::TlsH1, &spoofed_http, tls).await;
+        let proto_http = [("x-forwarded-proto", "http")];
+        f.assert_forwarded(Route::TlsH2, &proto_http, tls).await;
     }
 }
 
 #[tokio::test]
 async fn a_trusted_peers_forwarded_headers_are_kept_and_appended_to() {
     let _g = shared().await;
-    let certs = TestCerts::generate();
-    let mock = ok_mock();
-    let proxy = proxy(&mock.base_url("/api/v3"))
-        .h2c()
-        .tls_listener(&certs)
-        .yaml("forwarded: {trusted_proxies: [\"127.0.0.0/8\"]}\n")
-        .start();
-
-    let r = h1(proxy.addr, "GET", "/models", &SPOOFED, b"").await;
-    assert_eq!(r.status, 200);
-    assert_eq!(
-        forwarded_seen(&mock),
-        seen("1.2.3.4, 127.0.0.1", "1.2.3.4", "https"),
-        "plain HTTP/1.1"
-    );
+    let f = ForwardingSetup::start("forwarded: {trusted_proxies: [\"127.0.0.0/8\"]}\n");
+    let chain = "1.2.3.4, 127.0.0.1";
+    let spoofed = (chain, "1.2.3.4", "https");
+    f.assert_forwarded(Route::PlainH1, &SPOOFED, spoofed).await;
 
     // Nothing forwarded: the proxy fills in what it knows.
-    let r = h1(proxy.addr, "GET", "/models", &[], b"").await;
-    assert_eq!(r.status, 200);
-    assert_eq!(
-        forwarded_seen(&mock),
-        seen("127.0.0.1", "127.0.0.1", "http")
-    );
+    let plain = ("127.0.0.1", "127.0.0.1", "http");
+    f.assert_forwarded(Route::PlainH1, &[], plain).await;
 
-    let h2 = H2Client::connect(proxy.addr).await;
-    let r = h2
-        .request("GET", "/models", &[("x-forwarded-for", "1.2.3.4")], b"")
+    let xff = [("x-forwarded-for", "1.2.3.4")];
+    f.assert_forwarded(Route::H2c, &xff, (chain, "127.0.0.1", "http"))
         .await;
-    assert_eq!(r.status, 200);
-    assert_eq!(
-        forwarded_seen(&mock),
-        seen("1.2.3.4, 127.0.0.1", "127.0.0.1", "http"),
-        "h2c"
-    );
-
-    let tls_h2 = H2Client::connect_tls(proxy.tls_addr.expect("TLS"), &certs).await;
-    let r = tls_h2
-        .request("GET", "/models", &[("x-forwarded-for", "1.2.3.4")], b"")
+    f.assert_forwarded(Route::TlsH2, &xff, (chain, "127.0.0.1", "https"))
         .await;
-    assert_eq!(r.status, 200);
-    assert_eq!(
-        forwarded_seen(&mock),
-        seen("1.2.3.4, 127.0.0.1", "127.0.0.1", "https"),
-        "TLS h2"
-    );
 }
 
 /// RFC 9110 §5.3: several field lines are one comma-separated list, so a trusted proxy that
@@ -1045,6 +1009,29 @@ async fn an_idle_keepalive_connection_is_closed_after_the_keepalive_timeout() {
     );
 }
 
+/// Opens a plain connection and a TLS connection offering `protos` by ALPN, sends nothing on
+/// either, and returns how long the proxy took to close each (None: still open after `limit`).
+async fn silent_connections_closed_after(
+    proxy: &Proxy,
+    certs: &TestCerts,
+    protos: &'static [u8],
+    limit: Duration,
+) -> (Option<Duration>, Option<Duration>) {
+    tokio::join!(
+        async {
+            let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
+            wait_for_close(&mut tcp, limit).await
+        },
+        async {
+            let addr = proxy.tls_addr.expect("TLS listener");
+            let mut tls = tls_connect(addr, &certs.ca_path, alpn(protos))
+                .await
+                .expect("TLS");
+            wait_for_close(&mut tls, limit).await
+        }
+    )
+}
+
 /// nginx's `client_header_timeout`: a connection that never sends a request is closed after
 /// `downstream.client_timeout_ms` (here 1 s), plain or TLS, not held for Pingora's built-in 60 s.
 #[tokio::test]
@@ -1057,19 +1044,8 @@ async fn a_silent_http11_connection_is_closed_after_the_client_timeout() {
         .yaml("downstream: {keepalive_timeout_s: 1, client_timeout_ms: 1000}\n")
         .start();
     let limit = Duration::from_secs(3);
-    let (plain, tls) = tokio::join!(
-        async {
-            let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
-            wait_for_close(&mut tcp, limit).await
-        },
-        async {
-            let addr = proxy.tls_addr.expect("TLS listener");
-            let mut tls = tls_connect(addr, &certs.ca_path, alpn(b"\x08http/1.1"))
-                .await
-                .expect("TLS");
-            wait_for_close(&mut tls, limit).await
-        }
-    );
+    let (plain, tls) =
+        silent_connections_closed_after(&proxy, &certs, b"\x08http/1.1", limit).await;
     let in_time = |t: Option<Duration>| t.is_some_and(|t| t <= ms(2500));
     assert!(
         in_time(plain) && in_time(tls),
@@ -1094,19 +1070,7 @@ async fn a_client_that_never_starts_http2_is_closed() {
         )
         .start();
     let limit = Duration::from_secs(3);
-    let (h2c, tls_h2) = tokio::join!(
-        async {
-            let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
-            wait_for_close(&mut tcp, limit).await
-        },
-        async {
-            let addr = proxy.tls_addr.expect("TLS listener");
-            let mut tls = tls_connect(addr, &certs.ca_path, alpn(b"\x02h2"))
-                .await
-                .expect("TLS");
-            wait_for_close(&mut tls, limit).await
-        }
-    );
+    let (h2c, tls_h2) = silent_connections_closed_after(&proxy, &certs, b"\x02h2", limit).await;
     let in_time = |t: Option<Duration>| t.is_some_and(|t| t <= ms(2500));
     assert!(
         in_time(h2c) && in_time(tls_h2),
@@ -1224,79 +1188,47 @@ async fn h2_max_concurrent_streams_is_what_the_server_advertises() {
 }
 
 /// The real `arkgate` binary in its own process (so its memory is its own), killed on drop.
-struct ArkgateProcess {
-    child: std::process::Child,
+struct ProxyProcess {
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    process: ArkgateProcess,
+    _dir: ScratchDir,
 }
 
-impl ArkgateProcess {
+impl ProxyProcess {
     /// Starts `arkgate -c FILE` on a free port with `h2c: true` and `extra` YAML appended.
-    fn start(upstream_base_url: &str, extra: &str) -> ArkgateProcess {
-        let dir = tempfile::tempdir().expect("temp dir");
+    fn start(upstream_base_url: &str, extra: &str) -> ProxyProcess {
+        let dir = ScratchDir::new("idle");
         let addr = common::proxy::free_addr();
-        let path = |name: &str| yaml_str(dir.path().join(name).to_str().expect("UTF-8"));
         let yaml = format!(
             "listen: [{{addr: \"{addr}\", h2c: true}}]\n\
              upstream: {{base_url: {}, connect_timeout_ms: 1000}}\n\
              admin: {{addr: ~}}\n\
-             logging: {{sample_rate: 0}}\n\
-             server: {{threads: 2, pid_file: {}, upgrade_sock: {}, grace_period_seconds: 0, \
-             graceful_shutdown_timeout_seconds: 0}}\n{extra}",
+             logging: {{sample_rate: 0}}\n{}{extra}",
             yaml_str(upstream_base_url),
-            path("arkgate.pid"),
-            path("upgrade.sock"),
+            dir.server_yaml(0, 0),
         );
-        let conf = dir.path().join("arkgate.yaml");
-        std::fs::write(&conf, yaml).expect("write config");
-        let child = Command::new(env!("CARGO_BIN_EXE_arkgate"))
-            .arg("-c")
-            .arg(&conf)
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start arkgate");
-        let mut p = ArkgateProcess {
-            child,
+        let conf = dir.write("arkgate.yaml", &yaml);
+        let mut process = ArkgateProcess::spawn_quiet(&dir, "arkgate", &["-c", path_str(&conf)]);
+        process.wait_listening(addr);
+        ProxyProcess {
             addr,
+            process,
             _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect_timeout(&addr, ms(200)).is_err() {
-            assert!(
-                p.child.try_wait().expect("child status").is_none(),
-                "arkgate exited before it listened"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "arkgate never listened on {addr}"
-            );
-            std::thread::sleep(ms(10));
         }
-        p
     }
 
     /// The process's resident set size, in KiB.
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.id()))
             .expect("read /proc/PID/status");
         vm_rss(&status)
     }
 
     /// How many file descriptors the process holds.
     fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+        std::fs::read_dir(format!("/proc/{}/fd", self.process.id()))
             .expect("read /proc/PID/fd")
             .count()
-    }
-}
-
-impl Drop for ArkgateProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1345,7 +1277,7 @@ async fn many_idle_http2_connections_are_closed_and_memory_returns_near_baseline
     // The proxy is its own process: other tests may run beside this one.
     let _g = shared().await;
     let mock = ok_mock();
-    let proxy = ArkgateProcess::start(
+    let proxy = ProxyProcess::start(
         &mock.base_url("/api/v3"),
         "downstream: {h2_idle_timeout_s: 1}\n",
     );

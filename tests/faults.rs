@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use arkgate::metrics::METRICS;
 use bytes::Bytes;
-use common::mock::{owned, read_h1_body, read_h1_head, Framing};
+use common::client::{read_h1_response, response_status};
+use common::mock::{owned, read_h1_head};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
@@ -38,6 +39,15 @@ fn fast_proxy(base_url: &str) -> ProxyBuilder {
     proxy(base_url)
         .upstream("connect_timeout_ms", &CONNECT_TIMEOUT_MS.to_string())
         .upstream("read_timeout_ms", &READ_TIMEOUT_MS.to_string())
+}
+
+/// A mock that echoes every request's body.
+fn echo_config() -> MockConfig {
+    MockConfig::h1().reply(|_| Reply::Echo)
+}
+
+fn echo_mock() -> MockUpstream {
+    MockUpstream::start(echo_config())
 }
 
 /// A mock answering `fault` to requests whose path contains `/fault`, and echoing the body of
@@ -123,6 +133,12 @@ const NONE: Counters = Counters {
     upstream_5xx: 0,
     retries: 0,
     body_too_large: 0,
+};
+
+/// Exactly one read timeout.
+const ONE_READ_TIMEOUT: Counters = Counters {
+    read_timeout: 1,
+    ..NONE
 };
 
 /// An error arkgate answered itself: the status, `application/json`, the OpenAI error shape with
@@ -212,6 +228,14 @@ async fn exchange(addr: SocketAddr, request: &[u8]) -> Outcome {
     read_outcome(&mut io).await
 }
 
+/// A fresh connection to `addr` with `request` already sent on it.
+async fn connect_and_send(addr: SocketAddr, request: &[u8]) -> BufReader<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut io = BufReader::new(tcp);
+    io.get_mut().write_all(request).await.expect("send");
+    io
+}
+
 /// Reads one final response, or notices that the connection ended first.
 async fn read_outcome(io: &mut BufReader<TcpStream>) -> Outcome {
     let read = async {
@@ -220,25 +244,11 @@ async fn read_outcome(io: &mut BufReader<TcpStream>) -> Outcome {
                 Ok(Some(head)) => head,
                 _ => return Outcome::Closed,
             };
-            let status: u16 = std::str::from_utf8(&head.start[1])
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .expect("numeric status");
-            if status < 200 {
+            if response_status(&head) < 200 {
                 continue;
             }
             let framing = head.framing();
-            let mut pieces = Vec::new();
-            let (body, complete) =
-                read_h1_body(io, framing, |n| pieces.push((Instant::now(), n))).await;
-            return Outcome::Response(H1Response {
-                status,
-                chunked: framing == Framing::Chunked,
-                headers: head.headers,
-                body,
-                pieces,
-                complete,
-            });
+            return Outcome::Response(read_h1_response(io, head, framing).await);
         }
     };
     tokio::time::timeout(EXCHANGE_LIMIT, read)
@@ -265,18 +275,37 @@ fn payload(n: usize) -> Vec<u8> {
 // 1. Upstream down
 // ---------------------------------------------------------------------------------------------
 
+/// A proxy allowed `max_retries` in front of an address where nothing listens (yet).
+fn proxy_to_nothing(max_retries: &str) -> (Proxy, SocketAddr) {
+    let dead = dead_addr();
+    let proxy = fast_proxy(&format!("http://{dead}/api/v3"))
+        .upstream("max_retries", max_retries)
+        .start();
+    (proxy, dead)
+}
+
+/// A request while nothing listens at `dead`: a 502 `upstream_connect_failed`.
+async fn assert_connect_failed(proxy: &Proxy, dead: SocketAddr) {
+    let r = post_json(proxy.addr, "/chat/completions", BODY).await;
+    assert_error(&r, 502, "upstream_connect_failed", Some(dead));
+}
+
+/// The upstream comes back at `dead`: the same proxy serves at once, and the request reaches
+/// the upstream once.
+async fn assert_serves_once_the_upstream_is_back(proxy: &Proxy, dead: SocketAddr) {
+    let mock = MockUpstream::start_at(echo_config(), dead);
+    assert_serves_next(proxy).await;
+    assert_eq!(mock.request_count(), 1);
+}
+
 #[tokio::test]
 async fn upstream_down_is_502_after_one_attempt_plus_max_retries() {
     let _serial = serial().await;
-    let dead = dead_addr();
-    let proxy = fast_proxy(&format!("http://{dead}/api/v3"))
-        .upstream("max_retries", "3")
-        .start();
+    let (proxy, dead) = proxy_to_nothing("3");
 
     let before = Counters::now();
     let started = Instant::now();
-    let r = post_json(proxy.addr, "/chat/completions", BODY).await;
-    assert_error(&r, 502, "upstream_connect_failed", Some(dead));
+    assert_connect_failed(&proxy, dead).await;
     before
         .assert_moved(Counters {
             connect_failures: 4,
@@ -288,23 +317,16 @@ async fn upstream_down_is_502_after_one_attempt_plus_max_retries() {
     // Backing off 20 + 40 + 80 ms between the four attempts.
     assert!(started.elapsed() >= ms(140), "{:?}", started.elapsed());
 
-    // The upstream comes back: the same proxy serves at once.
-    let mock = MockUpstream::start_at(MockConfig::h1().reply(|_| Reply::Echo), dead);
-    assert_serves_next(&proxy).await;
-    assert_eq!(mock.request_count(), 1);
+    assert_serves_once_the_upstream_is_back(&proxy, dead).await;
 }
 
 #[tokio::test]
 async fn upstream_down_with_no_retries_is_one_attempt_and_not_exhaustion() {
     let _serial = serial().await;
-    let dead = dead_addr();
-    let proxy = fast_proxy(&format!("http://{dead}/api/v3"))
-        .upstream("max_retries", "0")
-        .start();
+    let (proxy, dead) = proxy_to_nothing("0");
 
     let before = Counters::now();
-    let r = post_json(proxy.addr, "/chat/completions", BODY).await;
-    assert_error(&r, 502, "upstream_connect_failed", Some(dead));
+    assert_connect_failed(&proxy, dead).await;
     before
         .assert_moved(Counters {
             connect_failures: 1,
@@ -312,9 +334,7 @@ async fn upstream_down_with_no_retries_is_one_attempt_and_not_exhaustion() {
         })
         .await;
 
-    let mock = MockUpstream::start_at(MockConfig::h1().reply(|_| Reply::Echo), dead);
-    assert_serves_next(&proxy).await;
-    assert_eq!(mock.request_count(), 1);
+    assert_serves_once_the_upstream_is_back(&proxy, dead).await;
 }
 
 /// `upstream.max_retries` accepts up to 16: that many retries must happen, then RETRY_EXHAUSTED.
@@ -323,14 +343,10 @@ async fn upstream_down_with_no_retries_is_one_attempt_and_not_exhaustion() {
 #[tokio::test]
 async fn the_largest_max_retries_is_honoured_in_full() {
     let _serial = serial().await;
-    let dead = dead_addr();
-    let proxy = fast_proxy(&format!("http://{dead}/api/v3"))
-        .upstream("max_retries", "16")
-        .start();
+    let (proxy, dead) = proxy_to_nothing("16");
 
     let before = Counters::now();
-    let r = post_json(proxy.addr, "/chat/completions", BODY).await;
-    assert_error(&r, 502, "upstream_connect_failed", Some(dead));
+    assert_connect_failed(&proxy, dead).await;
     before
         .assert_moved(Counters {
             connect_failures: 17,
@@ -344,10 +360,7 @@ async fn the_largest_max_retries_is_honoured_in_full() {
 #[tokio::test]
 async fn a_refused_connect_is_retried_and_the_post_arrives_exactly_once() {
     let _serial = serial().await;
-    let dead = dead_addr();
-    let proxy = fast_proxy(&format!("http://{dead}/api/v3"))
-        .upstream("max_retries", "5")
-        .start();
+    let (proxy, dead) = proxy_to_nothing("5");
 
     let before = Counters::now();
     let addr = proxy.addr;
@@ -361,7 +374,7 @@ async fn a_refused_connect_is_retried_and_the_post_arrives_exactly_once() {
         .await,
         "two connects were refused"
     );
-    let mock = MockUpstream::start_at(MockConfig::h1().reply(|_| Reply::Echo), dead);
+    let mock = MockUpstream::start_at(echo_config(), dead);
 
     let r = request.await.expect("client task");
     assert_eq!(r.status, 200, "{r:?}");
@@ -423,10 +436,7 @@ async fn a_connect_timeout_is_504_and_counted_once_per_request() {
     );
 
     // Start serving on that listener: the queued connections are accepted and the proxy works.
-    let mock = MockUpstream::start_on(
-        MockConfig::h1().reply(|_| Reply::Echo),
-        listener.into_std().expect("std listener"),
-    );
+    let mock = MockUpstream::start_on(echo_config(), listener.into_std().expect("std listener"));
     assert_serves_next(&proxy).await;
     assert_eq!(mock.request_count(), 1);
 }
@@ -463,12 +473,7 @@ async fn an_upstream_that_never_answers_is_504_after_the_read_timeout_and_never_
         took >= ms(READ_TIMEOUT_MS - 20) && took < ms(READ_TIMEOUT_MS + 700),
         "answered after {took:?}"
     );
-    before
-        .assert_moved(Counters {
-            read_timeout: 1,
-            ..NONE
-        })
-        .await;
+    before.assert_moved(ONE_READ_TIMEOUT).await;
     assert_eq!(
         mock.connections(),
         1,
@@ -504,12 +509,7 @@ async fn headers_later_than_the_read_timeout_are_504_and_earlier_ones_200() {
     let before = Counters::now();
     let r = exchange(proxy.addr, &post("/late")).await.response();
     assert_error(&r, 504, "upstream_timeout", Some(mock.addr));
-    before
-        .assert_moved(Counters {
-            read_timeout: 1,
-            ..NONE
-        })
-        .await;
+    before.assert_moved(ONE_READ_TIMEOUT).await;
     assert_eq!(arrivals(&mock, "/late"), 1);
 
     let before = Counters::now();
@@ -524,6 +524,13 @@ async fn headers_later_than_the_read_timeout_are_504_and_earlier_ones_200() {
 // ---------------------------------------------------------------------------------------------
 // 4. Streams: stalls cut, slow-but-steady completes; the total deadline
 // ---------------------------------------------------------------------------------------------
+
+/// `data: 0` at once, then `more` events `data: more`, each `gap` after the last.
+fn steady_events(gap: Duration, more: usize) -> Vec<(Duration, &'static str)> {
+    let mut events = vec![(ms(0), "data: 0\n\n")];
+    events.extend(std::iter::repeat_n((gap, "data: more\n\n"), more));
+    events
+}
 
 fn stall_reply() -> Reply {
     Reply::StallAfter {
@@ -555,12 +562,7 @@ async fn a_stream_that_stalls_past_the_read_timeout_ends_the_client_connection()
         cut_after >= ms(READ_TIMEOUT_MS - 50),
         "cut {cut_after:?} after the first event, before the read timeout"
     );
-    before
-        .assert_moved(Counters {
-            read_timeout: 1,
-            ..NONE
-        })
-        .await;
+    before.assert_moved(ONE_READ_TIMEOUT).await;
     assert_eq!(arrivals(&mock, "/fault"), 1);
     assert_serves_next(&proxy).await;
 }
@@ -582,12 +584,7 @@ async fn a_stalled_stream_to_an_http2_client_ends_with_an_error_not_a_clean_end(
         r.error.is_some(),
         "the stream must be reset, not ended cleanly: {r:?}"
     );
-    before
-        .assert_moved(Counters {
-            read_timeout: 1,
-            ..NONE
-        })
-        .await;
+    before.assert_moved(ONE_READ_TIMEOUT).await;
     assert_eq!(arrivals(&mock, "/fault"), 1);
     assert_serves_next(&proxy).await;
 }
@@ -625,8 +622,7 @@ async fn a_slow_stream_that_keeps_sending_is_never_cut() {
 #[tokio::test]
 async fn a_steady_stream_past_the_total_deadline_is_cut() {
     let _serial = serial().await;
-    let mut events = vec![(ms(0), "data: 0\n\n")];
-    events.extend(std::iter::repeat_n((ms(200), "data: more\n\n"), 10));
+    let events = steady_events(ms(200), 10);
     let mock = fault_mock(MockConfig::h1(), Reply::sse(&events));
     let proxy = fast_proxy(&mock.base_url("/api/v3"))
         .upstream("total_timeout_ms", "800")
@@ -644,12 +640,7 @@ async fn a_steady_stream_past_the_total_deadline_is_cut() {
         took >= ms(800) && took < ms(800 + READ_TIMEOUT_MS + 300),
         "cut after {took:?}"
     );
-    before
-        .assert_moved(Counters {
-            read_timeout: 1,
-            ..NONE
-        })
-        .await;
+    before.assert_moved(ONE_READ_TIMEOUT).await;
     assert_eq!(arrivals(&mock, "/fault"), 1);
     assert_serves_next(&proxy).await;
 }
@@ -685,12 +676,7 @@ async fn a_total_deadline_that_passes_before_the_headers_is_504() {
         assert_eq!(r.status, 504, "{name}: {r:?}");
         assert_error(&r, 504, "upstream_timeout", Some(mock.addr));
         assert!(took < ms(1000), "{name}: answered after {took:?}");
-        before
-            .assert_moved(Counters {
-                read_timeout: 1,
-                ..NONE
-            })
-            .await;
+        before.assert_moved(ONE_READ_TIMEOUT).await;
         assert_eq!(arrivals(&mock, "/fault"), 1, "{name}");
         assert_serves_next(&proxy).await;
     }
@@ -796,7 +782,7 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used_for_the_next_post()
 #[tokio::test]
 async fn a_client_leaving_mid_upload_cancels_the_upstream_request() {
     let _serial = serial().await;
-    let mock = MockUpstream::start(MockConfig::h1().reply(|_| Reply::Echo));
+    let mock = echo_mock();
     let proxy = fast_proxy(&mock.base_url("/api/v3")).start();
 
     let before = Counters::now();
@@ -830,18 +816,12 @@ async fn a_client_leaving_mid_upload_cancels_the_upstream_request() {
 async fn a_client_leaving_mid_stream_closes_the_upstream_connection() {
     let _serial = serial().await;
     // 40 events 100 ms apart: 4 s if nobody stops it.
-    let mut events = vec![(ms(0), "data: 0\n\n")];
-    events.extend(std::iter::repeat_n((ms(100), "data: more\n\n"), 39));
+    let events = steady_events(ms(100), 39);
     let mock = fault_mock(MockConfig::h1(), Reply::sse(&events));
     let proxy = fast_proxy(&mock.base_url("/api/v3")).start();
 
     let before = Counters::now();
-    let tcp = TcpStream::connect(proxy.addr).await.expect("connect");
-    let mut io = BufReader::new(tcp);
-    io.get_mut()
-        .write_all(&post("/chat/fault"))
-        .await
-        .expect("request");
+    let mut io = connect_and_send(proxy.addr, &post("/chat/fault")).await;
     let head = read_h1_head(&mut io)
         .await
         .expect("head")
@@ -878,8 +858,7 @@ async fn a_client_leaving_mid_stream_closes_the_upstream_connection() {
 #[tokio::test]
 async fn an_http2_client_cancelling_a_stream_closes_the_upstream_connection() {
     let _serial = serial().await;
-    let mut events = vec![(ms(0), "data: 0\n\n")];
-    events.extend(std::iter::repeat_n((ms(100), "data: more\n\n"), 39));
+    let events = steady_events(ms(100), 39);
     let mock = fault_mock(MockConfig::h1(), Reply::sse(&events));
     let proxy = fast_proxy(&mock.base_url("/api/v3")).h2c().start();
 
@@ -946,6 +925,25 @@ async fn an_http2_client_cancelling_a_stream_closes_the_upstream_connection() {
 // 9. Body limits
 // ---------------------------------------------------------------------------------------------
 
+/// An `application/octet-stream` POST of `body` to `target`, with its Content-Length.
+fn upload(target: &str, body: &[u8]) -> Vec<u8> {
+    let ct = ("Content-Type", "application/octet-stream");
+    request_bytes("POST", target, &[ct], body)
+}
+
+/// The same, chunked: one chunk per piece of `chunks`, then the last chunk.
+fn chunked_upload(target: &str, chunks: &[&[u8]]) -> Vec<u8> {
+    let ct = ("Content-Type", "application/octet-stream");
+    let mut request = request_bytes("POST", target, &[ct, ("Transfer-Encoding", "chunked")], b"");
+    for chunk in chunks {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    request
+}
+
 fn limited_proxy(mock: &MockUpstream, max: u64) -> Proxy {
     fast_proxy(&mock.base_url("/api/v3"))
         .yaml(&format!("limits: {{max_body_bytes: {max}}}"))
@@ -955,17 +953,13 @@ fn limited_proxy(mock: &MockUpstream, max: u64) -> Proxy {
 #[tokio::test]
 async fn a_content_length_over_the_limit_is_413_before_anything_goes_upstream() {
     let _serial = serial().await;
-    let mock = MockUpstream::start(MockConfig::h1().reply(|_| Reply::Echo));
+    let mock = echo_mock();
     let proxy = limited_proxy(&mock, 1000);
 
     let before = Counters::now();
-    let request = request_bytes(
-        "POST",
-        "/upload",
-        &[("Content-Type", "application/octet-stream")],
-        &payload(2000),
-    );
-    let r = exchange(proxy.addr, &request).await.response();
+    let r = exchange(proxy.addr, &upload("/upload", &payload(2000)))
+        .await
+        .response();
     assert_error(&r, 413, "body_too_large", Some(mock.addr));
     before
         .assert_moved(Counters {
@@ -981,25 +975,12 @@ async fn a_content_length_over_the_limit_is_413_before_anything_goes_upstream() 
 #[tokio::test]
 async fn a_chunked_body_over_the_limit_is_413_and_never_completes_upstream() {
     let _serial = serial().await;
-    let mock = MockUpstream::start(MockConfig::h1().reply(|_| Reply::Echo));
+    let mock = echo_mock();
     let proxy = limited_proxy(&mock, 1000);
 
     let before = Counters::now();
-    let mut request = request_bytes(
-        "POST",
-        "/upload",
-        &[
-            ("Content-Type", "application/octet-stream"),
-            ("Transfer-Encoding", "chunked"),
-        ],
-        b"",
-    );
-    for _ in 0..2 {
-        request.extend_from_slice(b"3e8\r\n");
-        request.extend_from_slice(&payload(1000));
-        request.extend_from_slice(b"\r\n");
-    }
-    request.extend_from_slice(b"0\r\n\r\n");
+    let chunk = payload(1000);
+    let request = chunked_upload("/upload", &[&chunk, &chunk]);
     match exchange(proxy.addr, &request).await {
         Outcome::Response(r) => assert_error(&r, 413, "body_too_large", Some(mock.addr)),
         Outcome::Closed => panic!("no 413: the connection was closed"),
@@ -1025,29 +1006,16 @@ async fn a_chunked_body_over_the_limit_is_413_and_never_completes_upstream() {
 #[tokio::test]
 async fn a_body_exactly_at_the_limit_passes_with_either_framing() {
     let _serial = serial().await;
-    let mock = MockUpstream::start(MockConfig::h1().reply(|_| Reply::Echo));
+    let mock = echo_mock();
     let proxy = limited_proxy(&mock, 1000);
     let before = Counters::now();
 
     let body = payload(1000);
-    let ct = ("Content-Type", "application/octet-stream");
-    let r = exchange(proxy.addr, &request_bytes("POST", "/cl", &[ct], &body))
-        .await
-        .response();
+    let r = exchange(proxy.addr, &upload("/cl", &body)).await.response();
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body, body);
 
-    let mut chunked = request_bytes(
-        "POST",
-        "/chunked",
-        &[ct, ("Transfer-Encoding", "chunked")],
-        b"",
-    );
-    chunked.extend_from_slice(b"1f4\r\n");
-    chunked.extend_from_slice(&body[..500]);
-    chunked.extend_from_slice(b"\r\n1f4\r\n");
-    chunked.extend_from_slice(&body[500..]);
-    chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+    let chunked = chunked_upload("/chunked", &[&body[..500], &body[500..]]);
     let r = exchange(proxy.addr, &chunked).await.response();
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body, body);
@@ -1060,28 +1028,18 @@ async fn a_body_exactly_at_the_limit_passes_with_either_framing() {
 #[tokio::test]
 async fn a_zero_body_limit_means_unlimited() {
     let _serial = serial().await;
-    let mock = MockUpstream::start(MockConfig::h1().reply(|_| Reply::Echo));
+    let mock = echo_mock();
     let proxy = limited_proxy(&mock, 0);
     let before = Counters::now();
 
     let body = payload(200_000);
-    let ct = ("Content-Type", "application/octet-stream");
-    let r = exchange(proxy.addr, &request_bytes("POST", "/cl", &[ct], &body))
-        .await
-        .response();
+    let r = exchange(proxy.addr, &upload("/cl", &body)).await.response();
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), body.len());
 
-    let mut chunked = request_bytes(
-        "POST",
-        "/chunked",
-        &[ct, ("Transfer-Encoding", "chunked")],
-        b"",
-    );
-    chunked.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
-    chunked.extend_from_slice(&body);
-    chunked.extend_from_slice(b"\r\n0\r\n\r\n");
-    let r = exchange(proxy.addr, &chunked).await.response();
+    let r = exchange(proxy.addr, &chunked_upload("/chunked", &[&body]))
+        .await
+        .response();
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), body.len());
 
@@ -1108,36 +1066,16 @@ async fn assert_closed_without_another_response(io: &mut BufReader<TcpStream>) {
     );
 }
 
-/// Content-Length says the smuggled GET is body; Transfer-Encoding says the body ended before it.
-#[tokio::test]
-async fn content_length_with_transfer_encoding_never_lets_a_smuggled_request_through() {
-    let _serial = serial().await;
-    let mock = MockUpstream::start(MockConfig::h1().reply(|_| Reply::Echo));
-    let proxy = fast_proxy(&mock.base_url("/api/v3")).start();
-    let before = Counters::now();
-
-    let body = format!("0\r\n\r\n{SMUGGLED}");
-    let request = format!(
-        "POST /chat/completions HTTP/1.1\r\nHost: arkgate.test\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{body}",
-        body.len()
-    );
-    let tcp = TcpStream::connect(proxy.addr).await.expect("connect");
-    let mut io = BufReader::new(tcp);
-    io.get_mut()
-        .write_all(request.as_bytes())
-        .await
-        .expect("send");
-    let r = read_outcome(&mut io).await.response();
-    // Pingora follows Transfer-Encoding (RFC 9112 §6.3): an empty chunked body.
-    assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(r.body, b"");
-    assert_closed_without_another_response(&mut io).await;
-
+/// What the upstream got from a smuggling attempt, once the proxy has closed the client
+/// connection without a second response: exactly one request, framed one way only, and nothing
+/// for `/admin`.
+async fn only_request_after_smuggling(
+    io: &mut BufReader<TcpStream>,
+    mock: &MockUpstream,
+) -> RecordedRequest {
+    assert_closed_without_another_response(io).await;
     tokio::time::sleep(ms(100)).await;
     let seen = mock.only_request();
-    assert_eq!(seen.method, "POST");
-    assert!(seen.complete);
-    assert_eq!(seen.body, b"", "{seen:?}");
     assert!(
         seen.header("content-length").is_none() || seen.header("transfer-encoding").is_none(),
         "both framings were forwarded: {seen:?}"
@@ -1146,6 +1084,31 @@ async fn content_length_with_transfer_encoding_never_lets_a_smuggled_request_thr
         .requests()
         .iter()
         .all(|r| !r.target_str().contains("admin")));
+    seen
+}
+
+/// Content-Length says the smuggled GET is body; Transfer-Encoding says the body ended before it.
+#[tokio::test]
+async fn content_length_with_transfer_encoding_never_lets_a_smuggled_request_through() {
+    let _serial = serial().await;
+    let mock = echo_mock();
+    let proxy = fast_proxy(&mock.base_url("/api/v3")).start();
+    let before = Counters::now();
+
+    let body = format!("0\r\n\r\n{SMUGGLED}");
+    let request = format!(
+        "POST /chat/completions HTTP/1.1\r\nHost: arkgate.test\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{body}",
+        body.len()
+    );
+    let mut io = connect_and_send(proxy.addr, request.as_bytes()).await;
+    let r = read_outcome(&mut io).await.response();
+    // Pingora follows Transfer-Encoding (RFC 9112 §6.3): an empty chunked body.
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, b"");
+    let seen = only_request_after_smuggling(&mut io, &mock).await;
+    assert_eq!(seen.method, "POST");
+    assert!(seen.complete);
+    assert_eq!(seen.body, b"", "{seen:?}");
     before.assert_moved(NONE).await;
     assert_serves_next(&proxy).await;
 }
@@ -1155,7 +1118,7 @@ async fn content_length_with_transfer_encoding_never_lets_a_smuggled_request_thr
 #[tokio::test]
 async fn a_request_hidden_in_a_chunked_body_stays_body() {
     let _serial = serial().await;
-    let mock = MockUpstream::start(MockConfig::h1().reply(|_| Reply::Echo));
+    let mock = echo_mock();
     let proxy = fast_proxy(&mock.base_url("/api/v3")).start();
     let before = Counters::now();
 
@@ -1163,28 +1126,12 @@ async fn a_request_hidden_in_a_chunked_body_stays_body() {
         "POST /chat/completions HTTP/1.1\r\nHost: arkgate.test\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n{:x}\r\n{SMUGGLED}\r\n0\r\n\r\n",
         SMUGGLED.len()
     );
-    let tcp = TcpStream::connect(proxy.addr).await.expect("connect");
-    let mut io = BufReader::new(tcp);
-    io.get_mut()
-        .write_all(request.as_bytes())
-        .await
-        .expect("send");
+    let mut io = connect_and_send(proxy.addr, request.as_bytes()).await;
     let r = read_outcome(&mut io).await.response();
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.text(), SMUGGLED, "echoed as the body");
-    assert_closed_without_another_response(&mut io).await;
-
-    tokio::time::sleep(ms(100)).await;
-    let seen = mock.only_request();
+    let seen = only_request_after_smuggling(&mut io, &mock).await;
     assert_eq!(seen.body, SMUGGLED.as_bytes());
-    assert!(
-        seen.header("content-length").is_none() || seen.header("transfer-encoding").is_none(),
-        "both framings were forwarded: {seen:?}"
-    );
-    assert!(mock
-        .requests()
-        .iter()
-        .all(|r| !r.target_str().contains("admin")));
     before.assert_moved(NONE).await;
     assert_serves_next(&proxy).await;
 }
@@ -1205,7 +1152,7 @@ fn assert_rejected_by_the_parser(outcome: Outcome, what: &str) {
 #[tokio::test]
 async fn malformed_framing_and_header_bytes_are_400_and_never_reach_the_upstream() {
     let _serial = serial().await;
-    let mock = MockUpstream::start(MockConfig::h1().reply(|_| Reply::Echo));
+    let mock = echo_mock();
     let proxy = fast_proxy(&mock.base_url("/api/v3")).start();
     let before = Counters::now();
 
@@ -1253,7 +1200,7 @@ async fn malformed_framing_and_header_bytes_are_400_and_never_reach_the_upstream
 #[tokio::test]
 async fn a_malformed_chunk_is_400_json_and_the_upstream_request_is_aborted() {
     let _serial = serial().await;
-    let mock = MockUpstream::start(MockConfig::h1().reply(|_| Reply::Echo));
+    let mock = echo_mock();
     let proxy = fast_proxy(&mock.base_url("/api/v3")).start();
     let before = Counters::now();
 

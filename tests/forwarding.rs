@@ -8,6 +8,59 @@ use common::*;
 
 const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
 
+/// A proxy in front of a fresh mock upstream answering 200: plain HTTP/1.1, or HTTP/2 over TLS
+/// with the proxy trusting its CA. (Fields drop in order: the proxy stops first.)
+struct Rig {
+    proxy: Proxy,
+    mock: MockUpstream,
+    _certs: Option<TestCerts>,
+}
+
+impl Rig {
+    /// In front of a plain HTTP/1.1 upstream.
+    fn h1() -> Rig {
+        Rig::start(Proto::H1, |p| p)
+    }
+
+    /// In front of an HTTP/2 upstream over TLS.
+    fn h2() -> Rig {
+        Rig::start(Proto::H2, |p| p)
+    }
+
+    /// In front of an upstream speaking `proto` (over TLS for HTTP/2), the proxy configured by
+    /// `configure`.
+    fn start(proto: Proto, configure: impl FnOnce(ProxyBuilder) -> ProxyBuilder) -> Rig {
+        let (mock, certs) = match proto {
+            Proto::H1 => (MockUpstream::start(MockConfig::h1()), None),
+            _ => {
+                let certs = TestCerts::generate();
+                let mock = MockUpstream::start(MockConfig::new(proto).tls(&certs));
+                (mock, Some(certs))
+            }
+        };
+        let mut builder = proxy(&mock.base_url("/api/v3"));
+        if let Some(certs) = &certs {
+            builder = builder.trust(certs);
+        }
+        Rig {
+            proxy: configure(builder).start(),
+            mock,
+            _certs: certs,
+        }
+    }
+
+    /// One request on a fresh connection; asserts that it was answered 200.
+    async fn request(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) {
+        let r = h1(self.proxy.addr, method, target, headers, body).await;
+        assert_eq!(r.status, 200, "{method} {target}: {}", r.text());
+    }
+
+    /// `host:port` of the mock upstream, as a Host header or `:authority` names it.
+    fn authority(&self) -> String {
+        format!("127.0.0.1:{}", self.mock.addr.port())
+    }
+}
+
 /// Sends `target` through a proxy whose base URL has path `base`; returns the upstream target.
 async fn upstream_targets(base: &str, targets: &[&str]) -> Vec<String> {
     let mock = MockUpstream::start(MockConfig::h1());
@@ -72,18 +125,15 @@ async fn every_method_reaches_the_upstream_unchanged() {
 
 #[tokio::test]
 async fn every_method_reaches_an_h2_upstream_unchanged() {
-    let certs = TestCerts::generate();
-    let mock = MockUpstream::start(MockConfig::new(Proto::H2).tls(&certs));
-    let proxy = proxy(&mock.base_url("/api/v3")).trust(&certs).start();
+    let rig = Rig::h2();
     for method in METHODS {
         let body: &[u8] = if matches!(method, "POST" | "PUT" | "PATCH") {
             br#"{"a":1}"#
         } else {
             b""
         };
-        let r = h1(proxy.addr, method, "/items/7", &[], body).await;
-        assert_eq!(r.status, 200, "{method}: {}", r.text());
-        let seen = mock.last_request();
+        rig.request(method, "/items/7", &[], body).await;
+        let seen = rig.mock.last_request();
         assert_eq!(seen.version, Version::H2);
         assert_eq!(seen.method, method);
         assert_eq!(seen.target_str(), "/api/v3/items/7");
@@ -145,13 +195,11 @@ async fn query_string_is_forwarded_byte_for_byte() {
 
 #[tokio::test]
 async fn query_string_reaches_an_h2_upstream_byte_for_byte() {
-    let certs = TestCerts::generate();
-    let mock = MockUpstream::start(MockConfig::new(Proto::H2).tls(&certs));
-    let proxy = proxy(&mock.base_url("/api/v3")).trust(&certs).start();
-    let r = h1(proxy.addr, "GET", "/models?a=1&b=%2F&c=&d&a=2", &[], b"").await;
-    assert_eq!(r.status, 200);
+    let rig = Rig::h2();
+    rig.request("GET", "/models?a=1&b=%2F&c=&d&a=2", &[], b"")
+        .await;
     assert_eq!(
-        mock.only_request().target_str(),
+        rig.mock.only_request().target_str(),
         "/api/v3/models?a=1&b=%2F&c=&d&a=2"
     );
 }
@@ -183,25 +231,22 @@ fn assert_end_to_end_headers(seen: &RecordedRequest) {
 
 #[tokio::test]
 async fn end_to_end_headers_pass_through() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = proxy(&mock.base_url("/api/v3")).start();
+    let rig = Rig::h1();
     let mut headers = END_TO_END.to_vec();
     headers.extend([("X-Multi", "one"), ("X-Multi", "two")]);
-    let r = h1(proxy.addr, "POST", "/chat/completions", &headers, b"{}").await;
-    assert_eq!(r.status, 200);
-    assert_end_to_end_headers(&mock.only_request());
+    rig.request("POST", "/chat/completions", &headers, b"{}")
+        .await;
+    assert_end_to_end_headers(&rig.mock.only_request());
 }
 
 #[tokio::test]
 async fn end_to_end_headers_pass_through_to_an_h2_upstream() {
-    let certs = TestCerts::generate();
-    let mock = MockUpstream::start(MockConfig::new(Proto::H2).tls(&certs));
-    let proxy = proxy(&mock.base_url("/api/v3")).trust(&certs).start();
+    let rig = Rig::h2();
     let mut headers = END_TO_END.to_vec();
     headers.extend([("X-Multi", "one"), ("X-Multi", "two")]);
-    let r = h1(proxy.addr, "POST", "/chat/completions", &headers, b"{}").await;
-    assert_eq!(r.status, 200);
-    assert_end_to_end_headers(&mock.only_request());
+    rig.request("POST", "/chat/completions", &headers, b"{}")
+        .await;
+    assert_end_to_end_headers(&rig.mock.only_request());
 }
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1), including one the client nominated in `Connection`.
@@ -245,21 +290,18 @@ fn assert_no_hop_by_hop(seen: &RecordedRequest) {
 
 #[tokio::test]
 async fn hop_by_hop_headers_are_not_forwarded() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = proxy(&mock.base_url("/api/v3")).start();
-    let r = h1(proxy.addr, "POST", "/chat/completions", &HOP_BY_HOP, b"{}").await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_no_hop_by_hop(&mock.only_request());
+    let rig = Rig::h1();
+    rig.request("POST", "/chat/completions", &HOP_BY_HOP, b"{}")
+        .await;
+    assert_no_hop_by_hop(&rig.mock.only_request());
 }
 
 #[tokio::test]
 async fn hop_by_hop_headers_do_not_reach_an_h2_upstream() {
-    let certs = TestCerts::generate();
-    let mock = MockUpstream::start(MockConfig::new(Proto::H2).tls(&certs));
-    let proxy = proxy(&mock.base_url("/api/v3")).trust(&certs).start();
-    let r = h1(proxy.addr, "POST", "/chat/completions", &HOP_BY_HOP, b"{}").await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_no_hop_by_hop(&mock.only_request());
+    let rig = Rig::h2();
+    rig.request("POST", "/chat/completions", &HOP_BY_HOP, b"{}")
+        .await;
+    assert_no_hop_by_hop(&rig.mock.only_request());
 }
 
 #[tokio::test]
@@ -294,55 +336,33 @@ async fn connection_close_from_the_client_is_not_forwarded_and_closes_only_the_c
 #[tokio::test]
 async fn an_h2c_upgrade_offer_is_not_forwarded() {
     // What `curl --http2 http://…` sends: the proxy answers in HTTP/1.1 and drops the offer.
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = proxy(&mock.base_url("/api/v3")).start();
+    let rig = Rig::h1();
     let headers = [
         ("Connection", "Upgrade, HTTP2-Settings"),
         ("Upgrade", "h2c"),
         ("HTTP2-Settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
         ("X-Foo", "end-to-end"),
     ];
-    let r = h1(proxy.addr, "GET", "/models", &headers, b"").await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_no_hop_by_hop(&mock.only_request());
+    rig.request("GET", "/models", &headers, b"").await;
+    assert_no_hop_by_hop(&rig.mock.only_request());
 }
 
 #[tokio::test]
 async fn host_is_forced_to_the_upstream_authority() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = proxy(&mock.base_url("/api/v3")).start();
-    let r = h1(
-        proxy.addr,
-        "GET",
-        "/models",
-        &[("Host", "client.example:8000")],
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    let seen = mock.only_request();
-    assert_eq!(
-        seen.header_all("host"),
-        [format!("127.0.0.1:{}", mock.addr.port()).as_bytes()]
-    );
+    let rig = Rig::h1();
+    rig.request("GET", "/models", &[("Host", "client.example:8000")], b"")
+        .await;
+    let seen = rig.mock.only_request();
+    assert_eq!(seen.header_all("host"), [rig.authority().as_bytes()]);
 }
 
 #[tokio::test]
 async fn authority_is_forced_on_an_h2_upstream() {
-    let certs = TestCerts::generate();
-    let mock = MockUpstream::start(MockConfig::new(Proto::H2).tls(&certs));
-    let proxy = proxy(&mock.base_url("/api/v3")).trust(&certs).start();
-    let r = h1(
-        proxy.addr,
-        "GET",
-        "/models",
-        &[("Host", "client.example")],
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    let seen = mock.only_request();
-    let expected = format!("127.0.0.1:{}", mock.addr.port());
+    let rig = Rig::h2();
+    rig.request("GET", "/models", &[("Host", "client.example")], b"")
+        .await;
+    let seen = rig.mock.only_request();
+    let expected = rig.authority();
     assert_eq!(seen.authority.as_deref(), Some(expected.as_str()));
     if let Some(host) = seen.header_str("host") {
         assert_eq!(
@@ -354,44 +374,27 @@ async fn authority_is_forced_on_an_h2_upstream() {
 
 #[tokio::test]
 async fn upstream_host_setting_overrides_host() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = proxy(&mock.base_url("/api/v3"))
-        .upstream("host", "\"api.example.com\"")
-        .start();
-    let r = h1(
-        proxy.addr,
-        "GET",
-        "/models",
-        &[("Host", "client.example")],
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    let rig = Rig::start(Proto::H1, |p| p.upstream("host", "\"api.example.com\""));
+    rig.request("GET", "/models", &[("Host", "client.example")], b"")
+        .await;
     assert_eq!(
-        mock.only_request().header_all("host"),
+        rig.mock.only_request().header_all("host"),
         [&b"api.example.com"[..]]
     );
 }
 
 #[tokio::test]
 async fn upstream_host_setting_overrides_the_h2_authority() {
-    let certs = TestCerts::generate();
-    let mock = MockUpstream::start(MockConfig::new(Proto::H2).tls(&certs));
-    let proxy = proxy(&mock.base_url("/api/v3"))
-        .trust(&certs)
-        .upstream("host", "\"api.example.com\"")
-        .start();
-    let r = h1(proxy.addr, "GET", "/models", &[], b"").await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let seen = mock.only_request();
+    let rig = Rig::start(Proto::H2, |p| p.upstream("host", "\"api.example.com\""));
+    rig.request("GET", "/models", &[], b"").await;
+    let seen = rig.mock.only_request();
     assert_eq!(seen.authority.as_deref(), Some("api.example.com"));
 }
 
 #[tokio::test]
 async fn an_h2_client_is_forwarded_with_the_upstream_host() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = proxy(&mock.base_url("/api/v3")).h2c().start();
-    let client = H2Client::connect(proxy.addr).await;
+    let rig = Rig::start(Proto::H1, |p| p.h2c());
+    let client = H2Client::connect(rig.proxy.addr).await;
     let r = client
         .request(
             "POST",
@@ -401,13 +404,10 @@ async fn an_h2_client_is_forwarded_with_the_upstream_host() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let seen = mock.only_request();
+    let seen = rig.mock.only_request();
     assert_eq!(seen.version, Version::H1);
     assert_eq!(seen.target_str(), "/api/v3/chat/completions?x=%2F");
-    assert_eq!(
-        seen.header_all("host"),
-        [format!("127.0.0.1:{}", mock.addr.port()).as_bytes()]
-    );
+    assert_eq!(seen.header_all("host"), [rig.authority().as_bytes()]);
     assert_eq!(seen.header_str("authorization"), Some("Bearer k"));
     assert_eq!(seen.header_str("x-foo"), Some("bar"));
     assert_eq!(seen.body, b"{}");
@@ -499,63 +499,33 @@ async fn an_expect_continue_request_is_invited_and_forwarded() {
     let mock = MockUpstream::start(MockConfig::h1().reply(|_| Reply::Echo));
     let proxy = proxy(&mock.base_url("/api/v3")).start();
     let body = br#"{"model":"m","messages":[]}"#;
-    let len = body.len().to_string();
-    let mut client = H1Client::connect(proxy.addr).await;
-    client
-        .send(&request_bytes(
-            "POST",
-            "/chat/completions",
-            &[
-                ("Content-Type", "application/json"),
-                ("Content-Length", &len),
-                ("Expect", "100-continue"),
-            ],
-            b"",
-        ))
-        .await;
-    let interim = tokio::time::timeout(ms(500), client.read_response(false))
+    let r = H1Client::connect(proxy.addr)
         .await
-        .expect("100 Continue before the body is sent (RFC 9110 §10.1.1)");
-    assert_eq!(interim.status, 100);
-    client.send(body).await;
-    let r = client.read_final_response(false).await;
+        .post_json_expecting_continue("/chat/completions", body)
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body, body);
 }
 
 #[tokio::test]
 async fn an_absolute_form_target_is_forwarded_in_origin_form() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = proxy(&mock.base_url("/api/v3")).start();
-    let r = h1(
-        proxy.addr,
-        "GET",
-        "http://client.example/models?a=%2F",
-        &[("Host", "client.example")],
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let seen = mock.only_request();
+    let rig = Rig::h1();
+    let target = "http://client.example/models?a=%2F";
+    rig.request("GET", target, &[("Host", "client.example")], b"")
+        .await;
+    let seen = rig.mock.only_request();
     assert_eq!(seen.target_str(), "/api/v3/models?a=%2F");
-    assert_eq!(
-        seen.header_all("host"),
-        [format!("127.0.0.1:{}", mock.addr.port()).as_bytes()]
-    );
+    assert_eq!(seen.header_all("host"), [rig.authority().as_bytes()]);
 }
 
 #[tokio::test]
 async fn an_http10_client_without_host_is_served() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = proxy(&mock.base_url("/api/v3")).start();
-    let mut client = H1Client::connect(proxy.addr).await;
+    let rig = Rig::h1();
+    let mut client = H1Client::connect(rig.proxy.addr).await;
     client.send(b"GET /models HTTP/1.0\r\n\r\n").await;
     let r = client.read_final_response(false).await;
     assert_eq!(r.status, 200);
-    let seen = mock.only_request();
+    let seen = rig.mock.only_request();
     assert_eq!(seen.target_str(), "/api/v3/models");
-    assert_eq!(
-        seen.header_all("host"),
-        [format!("127.0.0.1:{}", mock.addr.port()).as_bytes()]
-    );
+    assert_eq!(seen.header_all("host"), [rig.authority().as_bytes()]);
 }

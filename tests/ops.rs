@@ -4,18 +4,19 @@
 //! always, never a credential), and `arkgate -t` on good and bad configuration files. Each test
 //! starts its own `arkgate` process on free 127.0.0.1 ports, in front of a small mock upstream.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-/// The exit status for an unusable configuration.
-const EXIT_BAD_CONFIG: i32 = 64;
+use common::process::{
+    assert_config_test_accepts, chunk, config_test_rejection, free_addr, json_response, path_str,
+    post, request, ArkgateProcess, Client, ScratchDir, Script, ScriptedUpstream, UpstreamRequest,
+    LAST_CHUNK,
+};
 
 /// Every credential the access-log test sends carries this marker.
 const SECRET: &str = "SECRET";
@@ -31,16 +32,8 @@ const ACCESS_TARGET: &str = "arkgate::access";
 fn metrics_counters_move_after_a_short_load() {
     const CLIENTS: usize = 3;
     const PER_CLIENT: usize = 10;
-    let dir = TempDir::new("metrics");
-    let upstream = MockUpstream::start();
-    let (listen, admin) = (free_addr(), free_addr());
-    let cfg = dir.write(
-        "arkgate.yaml",
-        &config(listen, admin, upstream.addr, &dir, 0.0),
-    );
-    let mut proc = Proc::spawn(&cfg, &dir);
-    proc.wait_listening(listen);
-    proc.wait_listening(admin);
+    let gateway = Gateway::start("metrics", "{sample_rate: 0}");
+    let (listen, admin) = (gateway.listen, gateway.admin);
 
     let before = scrape(admin);
     assert_eq!(before["arkgate_requests_total{class=\"2xx\"}"], 0.0);
@@ -55,7 +48,7 @@ fn metrics_counters_move_after_a_short_load() {
                 let mut client = Client::new(listen);
                 for _ in 0..PER_CLIENT {
                     let r = client
-                        .send(&request("POST", "/v1/chat/completions", &[], body))
+                        .send(&post("/v1/chat/completions", body))
                         .expect("request through arkgate");
                     assert_eq!(r.status, 200, "{}", r.text());
                     assert!(r.text().contains("json_object"), "{}", r.text());
@@ -67,7 +60,7 @@ fn metrics_counters_move_after_a_short_load() {
         c.join().expect("load client panicked");
     }
     let sse = Client::new(listen)
-        .send(&request("POST", "/v1/sse", &[], r#"{"stream":true}"#))
+        .send(&post("/v1/sse", r#"{"stream":true}"#))
         .expect("SSE through arkgate");
     assert_eq!(sse.status, 200);
     assert!(sse.text().contains("[DONE]"), "{}", sse.text());
@@ -128,35 +121,24 @@ fn metrics_counters_move_after_a_short_load() {
         assert_eq!(m(name), 0.0, "{name}");
     }
 
-    let health = Client::new(admin)
-        .send(&request("GET", "/healthz", &[], ""))
-        .expect("GET /healthz");
+    let health = Client::new(admin).get("/healthz");
     assert_eq!(health.status, 200);
     assert_eq!(health.text().trim(), "ok");
 }
 
 #[test]
 fn metrics_count_bytes_rewritten() {
-    let dir = TempDir::new("rewritten");
-    let upstream = MockUpstream::start();
-    let (listen, admin) = (free_addr(), free_addr());
-    let cfg = dir.write(
-        "arkgate.yaml",
-        &config(listen, admin, upstream.addr, &dir, 0.0),
-    );
-    let mut proc = Proc::spawn(&cfg, &dir);
-    proc.wait_listening(listen);
-    proc.wait_listening(admin);
+    let gateway = Gateway::start("rewritten", "{sample_rate: 0}");
     let body = r#"{"model":"m","response_format":{"type":"json_schema"}}"#;
-    let r = Client::new(listen)
-        .send(&request("POST", "/v1/chat/completions", &[], body))
+    let r = Client::new(gateway.listen)
+        .send(&post("/v1/chat/completions", body))
         .expect("request through arkgate");
     assert_eq!(r.status, 200);
     // One `json_schema` in the request body and one in the answer.
     let mut rewritten = 0.0;
     let deadline = Instant::now() + Duration::from_secs(5);
     while rewritten < 22.0 && Instant::now() < deadline {
-        rewritten = scrape(admin)["arkgate_bytes_rewritten_total"];
+        rewritten = scrape(gateway.admin)["arkgate_bytes_rewritten_total"];
         thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(rewritten, 22.0);
@@ -183,21 +165,13 @@ fn request_with_secrets() -> Vec<u8> {
 
 #[test]
 fn access_log_has_one_line_per_request_and_no_credentials() {
-    let dir = TempDir::new("accesslog");
-    let mut upstream = MockUpstream::start();
-    let (listen, admin) = (free_addr(), free_addr());
-    let cfg = dir.write(
-        "arkgate.yaml",
-        &config(listen, admin, upstream.addr, &dir, 1.0),
-    );
-    let mut proc = Proc::spawn(&cfg, &dir);
-    proc.wait_listening(listen);
+    let mut gateway = Gateway::start("accesslog", "{sample_rate: 1}");
 
-    let ok = Client::new(listen)
+    let ok = Client::new(gateway.listen)
         .send(&request_with_secrets())
         .expect("request through arkgate");
     assert_eq!(ok.status, 200, "{}", ok.text());
-    let lines = proc.wait_for_access_lines(1);
+    let lines = gateway.wait_for_access_lines(1);
     let line = &lines[0];
     for part in [
         "POST /v1/chat/completions",
@@ -225,15 +199,15 @@ fn access_log_has_one_line_per_request_and_no_credentials() {
     assert_eq!(field("out=") as usize, ok.body.len(), "{line}");
 
     // An error is logged too (upstream down → 502), also without credentials.
-    upstream.stop();
-    let failed = Client::new(listen)
+    gateway.upstream.stop();
+    let failed = Client::new(gateway.listen)
         .send(&request_with_secrets())
         .expect("arkgate answers even with the upstream down");
     assert_eq!(failed.status, 502, "{}", failed.text());
-    let lines = proc.wait_for_access_lines(2);
+    let lines = gateway.wait_for_access_lines(2);
     assert!(lines[1].contains("status=502"), "{}", lines[1]);
 
-    let log = proc.log();
+    let log = gateway.process.log();
     assert!(
         !log.contains(SECRET),
         "a credential reached the log:\n{}",
@@ -246,23 +220,17 @@ fn access_log_has_one_line_per_request_and_no_credentials() {
 
 #[test]
 fn bodies_are_logged_only_when_asked_and_then_truncated() {
-    let dir = TempDir::new("bodylog");
-    let upstream = MockUpstream::start();
-    let (listen, admin) = (free_addr(), free_addr());
-    let yaml = config(listen, admin, upstream.addr, &dir, 1.0).replace(
-        "logging:\n",
-        "logging:\n  bodies: true\n  body_max_bytes: 24\n",
+    let gateway = Gateway::start(
+        "bodylog",
+        "{sample_rate: 1, bodies: true, body_max_bytes: 24}",
     );
-    let cfg = dir.write("arkgate.yaml", &yaml);
-    let mut proc = Proc::spawn(&cfg, &dir);
-    proc.wait_listening(listen);
 
     let body = r#"{"model":"m","messages":[{"role":"user","content":"a long question"}]}"#;
-    let ok = Client::new(listen)
-        .send(&request("POST", "/v1/chat/completions", &[], body))
+    let ok = Client::new(gateway.listen)
+        .send(&post("/v1/chat/completions", body))
         .expect("request through arkgate");
     assert_eq!(ok.status, 200, "{}", ok.text());
-    let lines = proc.wait_for_access_lines(1);
+    let lines = gateway.wait_for_access_lines(1);
     let line = &lines[0];
     // The first 24 bytes of the request body, quoted and escaped, and no more of it.
     assert!(
@@ -275,34 +243,26 @@ fn bodies_are_logged_only_when_asked_and_then_truncated() {
 
 #[test]
 fn unsampled_successes_are_not_logged_but_errors_are() {
-    let dir = TempDir::new("sample0");
-    let mut upstream = MockUpstream::start();
-    let (listen, admin) = (free_addr(), free_addr());
-    let cfg = dir.write(
-        "arkgate.yaml",
-        &config(listen, admin, upstream.addr, &dir, 0.0),
-    );
-    let mut proc = Proc::spawn(&cfg, &dir);
-    proc.wait_listening(listen);
+    let mut gateway = Gateway::start("sample0", "{sample_rate: 0}");
 
     // One keep-alive connection: each request's logging hook has run before the next request
     // is read, so once the last request's line is there, any earlier line would be too.
-    let mut client = Client::new(listen);
+    let mut client = Client::new(gateway.listen);
     let body = r#"{"model":"m","messages":[]}"#;
     for _ in 0..5 {
         let r = client
-            .send(&request("POST", "/v1/chat/completions", &[], body))
+            .send(&post("/v1/chat/completions", body))
             .expect("request through arkgate");
         assert_eq!(r.status, 200);
         assert!(!r.closes());
     }
-    upstream.stop();
+    gateway.upstream.stop();
     let failed = client
-        .send(&request("POST", "/v1/chat/completions", &[], body))
+        .send(&post("/v1/chat/completions", body))
         .expect("arkgate answers even with the upstream down");
     assert_eq!(failed.status, 502, "{}", failed.text());
 
-    let lines = proc.wait_for_access_lines(1);
+    let lines = gateway.wait_for_access_lines(1);
     assert_eq!(
         lines.len(),
         1,
@@ -318,7 +278,7 @@ fn unsampled_successes_are_not_logged_but_errors_are() {
 
 #[test]
 fn config_test_rejects_a_bad_file_with_one_line_naming_the_key() {
-    let dir = TempDir::new("badconf");
+    let dir = ScratchDir::new("badconf");
     let base = "listen: [{addr: \"127.0.0.1:1\"}]\n";
     let cases = [
         ("upstream: {bsae_url: \"http://127.0.0.1:2\"}\n", "bsae_url"),
@@ -332,21 +292,8 @@ fn config_test_rejects_a_bad_file_with_one_line_naming_the_key() {
     ];
     for (i, (extra, key)) in cases.iter().enumerate() {
         let path = dir.write(&format!("bad{i}.yaml"), &format!("{base}{extra}"));
-        let out = config_test(&path);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(
-            out.status.code(),
-            Some(EXIT_BAD_CONFIG),
-            "{extra}: exit {:?}, stderr: {stderr}",
-            out.status
-        );
-        assert_eq!(lines.len(), 1, "{extra}: one line expected, got: {stderr}");
-        assert!(
-            lines[0].contains(key),
-            "{extra}: `{key}` not named in: {}",
-            lines[0]
-        );
+        let line = config_test_rejection(&path, extra);
+        assert!(line.contains(key), "{extra}: `{key}` not named in: {line}");
     }
 }
 
@@ -369,14 +316,7 @@ fn config_test_accepts_the_shipped_configs() {
         if needs_certs {
             continue;
         }
-        let out = config_test(&path);
-        assert!(
-            out.status.success(),
-            "{}: {:?}\n{}",
-            path.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_config_test_accepts(&path);
         checked.push(path);
     }
     assert!(
@@ -385,28 +325,92 @@ fn config_test_accepts_the_shipped_configs() {
     );
 }
 
-fn config_test(path: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_arkgate"))
-        .args(["-t", "-c"])
-        .arg(path)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run arkgate -t")
+// ---------------------------------------------------------------------------------------------
+// Harness: arkgate in front of a scripted upstream, /metrics
+// ---------------------------------------------------------------------------------------------
+
+/// What the upstream answers on any path but `…/sse`: JSON that mentions `json_schema`.
+const CHAT_ANSWER: &str = r#"{"object":"chat.completion","choices":[{"message":{"role":"assistant","content":"{\"format\":\"json_schema\"}"}}]}"#;
+
+/// A running `arkgate` on free ports, in front of its own upstream. Drops in field order: the
+/// process first, then the upstream, then the directory.
+struct Gateway {
+    listen: SocketAddr,
+    admin: SocketAddr,
+    process: ArkgateProcess,
+    upstream: ScriptedUpstream,
+    _dir: ScratchDir,
 }
 
-// ---------------------------------------------------------------------------------------------
-// Harness: temp dir, config, the arkgate process, /metrics
-// ---------------------------------------------------------------------------------------------
+impl Gateway {
+    /// Starts arkgate with `logging` (a YAML mapping) and waits until both listeners accept.
+    fn start(tag: &str, logging: &str) -> Gateway {
+        let dir = ScratchDir::new(tag);
+        let upstream = ScriptedUpstream::start(answer);
+        let (listen, admin) = (free_addr(), free_addr());
+        let cfg = dir.write(
+            "arkgate.yaml",
+            &config(listen, admin, upstream.addr, &dir, logging),
+        );
+        let mut process = ArkgateProcess::spawn(&dir, "arkgate", &["-c", path_str(&cfg)]);
+        process.wait_listening(listen);
+        process.wait_listening(admin);
+        Gateway {
+            listen,
+            admin,
+            process,
+            upstream,
+            _dir: dir,
+        }
+    }
+
+    /// Polls the log until it holds at least `n` access lines; panics after 5 s.
+    fn wait_for_access_lines(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.process.log();
+            let lines: Vec<String> = log
+                .lines()
+                .filter(|l| l.contains(ACCESS_TARGET))
+                .map(str::to_string)
+                .collect();
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} access lines expected, log:\n{log}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// [`CHAT_ANSWER`] on any path, and a short SSE stream on `…/sse`.
+fn answer(req: &UpstreamRequest) -> Script {
+    if !req.target.ends_with("/sse") {
+        return vec![(Duration::ZERO, json_response(CHAT_ANSWER))];
+    }
+    let head =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+    let gap = Duration::from_millis(20);
+    vec![
+        (Duration::ZERO, head.to_vec()),
+        (Duration::ZERO, chunk("data: {\"i\":0}\n\n")),
+        (gap, chunk("data: {\"i\":1}\n\n")),
+        (gap, chunk("data: [DONE]\n\n")),
+        (gap, LAST_CHUNK.to_vec()),
+    ]
+}
 
 fn config(
     listen: SocketAddr,
     admin: SocketAddr,
     upstream: SocketAddr,
-    dir: &TempDir,
-    sample_rate: f64,
+    dir: &ScratchDir,
+    logging: &str,
 ) -> String {
-    let d = dir.0.display();
+    let server = dir.server_yaml(1, 1);
     format!(
         r#"listen:
   - addr: "{listen}"
@@ -416,25 +420,16 @@ upstream:
   connect_timeout_ms: 1000
   read_timeout_ms: 5000
   max_retries: 1
-logging:
-  sample_rate: {sample_rate}
+logging: {logging}
 admin:
   addr: "{admin}"
-server:
-  threads: 2
-  pid_file: "{d}/arkgate.pid"
-  upgrade_sock: "{d}/upgrade.sock"
-  grace_period_seconds: 1
-  graceful_shutdown_timeout_seconds: 1
-"#
+{server}"#
     )
 }
 
 /// `/metrics` as a map from `name{labels}` to value.
 fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
-    let r = Client::new(admin)
-        .send(&request("GET", "/metrics", &[], ""))
-        .expect("GET /metrics");
+    let r = Client::new(admin).get("/metrics");
     assert_eq!(r.status, 200);
     r.text()
         .lines()
@@ -444,395 +439,4 @@ fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
             Some((name.to_string(), value.parse().ok()?))
         })
         .collect()
-}
-
-/// A directory of its own under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or_default();
-        let path =
-            std::env::temp_dir().join(format!("arkgate-{tag}-{}-{nanos:x}", std::process::id()));
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).expect("write temp file");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A port that was free a moment ago (bound to :0, then released).
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-}
-
-/// `arkgate -c FILE` with `RUST_LOG=info`, stdout and stderr captured in a file; killed on drop.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(cfg: &Path, dir: &TempDir) -> Proc {
-        let log = dir.0.join("arkgate.log");
-        let file = std::fs::File::create(&log).expect("create log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_arkgate"))
-            .arg("-c")
-            .arg(cfg)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("clone log handle"))
-            .stderr(file)
-            .spawn()
-            .expect("start arkgate");
-        Proc { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn access_lines(&self) -> Vec<String> {
-        self.log()
-            .lines()
-            .filter(|l| l.contains(ACCESS_TARGET))
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// Polls the log until it holds at least `n` access lines; panics after 5 s.
-    fn wait_for_access_lines(&self, n: usize) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let lines = self.access_lines();
-            if lines.len() >= n {
-                return lines;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{n} access lines expected, log:\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Polls a connect to `addr` until it succeeds; panics if the process dies first.
-    fn wait_listening(&mut self, addr: SocketAddr) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().expect("wait for arkgate") {
-                panic!("arkgate exited ({status}) before listening\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "arkgate is not listening on {addr}\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Mock upstream: HTTP/1.1 keep-alive on tokio
-// ---------------------------------------------------------------------------------------------
-
-/// Answers JSON that mentions `json_schema` on any path, and a short SSE stream on `…/sse`.
-/// [`MockUpstream::stop`] takes it down (listener and connections), like a dead upstream.
-struct MockUpstream {
-    addr: SocketAddr,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl MockUpstream {
-    fn start() -> MockUpstream {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("mock upstream runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind mock upstream");
-        let addr = listener.local_addr().expect("mock upstream address");
-        runtime.spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(serve_upstream_connection(conn));
-            }
-        });
-        MockUpstream {
-            addr,
-            runtime: Some(runtime),
-        }
-    }
-
-    /// Closes the listener and every connection; returns once they are gone.
-    fn stop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_timeout(Duration::from_secs(2));
-        }
-    }
-}
-
-impl Drop for MockUpstream {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-async fn serve_upstream_connection(conn: tokio::net::TcpStream) {
-    let _ = conn.set_nodelay(true);
-    let (read, mut write) = conn.into_split();
-    let mut read = tokio::io::BufReader::new(read);
-    while let Some((target, close)) = read_mock_request(&mut read).await {
-        let written = if target.ends_with("/sse") {
-            write_sse(&mut write).await
-        } else {
-            let body = r#"{"object":"chat.completion","choices":[{"message":{"role":"assistant","content":"{\"format\":\"json_schema\"}"}}]}"#;
-            let answer = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            write.write_all(answer.as_bytes()).await
-        };
-        if written.is_err() || close {
-            return;
-        }
-    }
-}
-
-async fn write_sse<W: AsyncWrite + Unpin>(w: &mut W) -> io::Result<()> {
-    w.write_all(
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
-    )
-    .await?;
-    for event in [
-        "data: {\"i\":0}\n\n",
-        "data: {\"i\":1}\n\n",
-        "data: [DONE]\n\n",
-    ] {
-        w.write_all(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes())
-            .await?;
-        w.flush().await?;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    w.write_all(b"0\r\n\r\n").await?;
-    w.flush().await
-}
-
-/// Reads one request; returns its target and whether the client asked to close.
-async fn read_mock_request<R: AsyncBufRead + Unpin>(r: &mut R) -> Option<(String, bool)> {
-    let mut line = String::new();
-    if r.read_line(&mut line).await.ok()? == 0 {
-        return None;
-    }
-    let target = line.split_whitespace().nth(1)?.to_string();
-    let (mut content_length, mut chunked, mut close) = (0usize, false, false);
-    loop {
-        line.clear();
-        if r.read_line(&mut line).await.ok()? == 0 {
-            return None;
-        }
-        let header = line.trim_end();
-        if header.is_empty() {
-            break;
-        }
-        let (name, value) = header.split_once(':')?;
-        let value = value.trim();
-        match name.to_ascii_lowercase().as_str() {
-            "content-length" => content_length = value.parse().ok()?,
-            "transfer-encoding" => chunked = value.to_ascii_lowercase().contains("chunked"),
-            "connection" => close = value.eq_ignore_ascii_case("close"),
-            _ => {}
-        }
-    }
-    if chunked {
-        loop {
-            line.clear();
-            r.read_line(&mut line).await.ok()?;
-            let size = usize::from_str_radix(line.trim().split(';').next()?, 16).ok()?;
-            if size == 0 {
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).await.ok()? == 0 || line.trim().is_empty() {
-                        break;
-                    }
-                }
-                break;
-            }
-            let mut chunk = vec![0; size + 2];
-            r.read_exact(&mut chunk).await.ok()?;
-        }
-    } else {
-        let mut body = vec![0; content_length];
-        r.read_exact(&mut body).await.ok()?;
-    }
-    Some((target, close))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Blocking HTTP/1.1 client
-// ---------------------------------------------------------------------------------------------
-
-/// A complete HTTP/1.1 response.
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn closes(&self) -> bool {
-        self.header("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// A keep-alive client: one connection, reopened after `Connection: close` or an error.
-struct Client {
-    addr: SocketAddr,
-    conn: Option<BufReader<TcpStream>>,
-}
-
-impl Client {
-    fn new(addr: SocketAddr) -> Client {
-        Client { addr, conn: None }
-    }
-
-    fn send(&mut self, request: &[u8]) -> Result<Response, String> {
-        let conn = match self.conn.as_mut() {
-            Some(c) => c,
-            None => {
-                let stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2))
-                    .map_err(|e| format!("connect: {e}"))?;
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                self.conn.insert(BufReader::new(stream))
-            }
-        };
-        let result = conn
-            .get_mut()
-            .write_all(request)
-            .map_err(|e| format!("write: {e}"))
-            .and_then(|_| read_response(conn).map_err(|e| format!("read: {e}")));
-        match &result {
-            Ok(r) if !r.closes() => {}
-            _ => self.conn = None,
-        }
-        result
-    }
-}
-
-fn request(method: &str, target: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
-    let mut text = format!("{method} {target} HTTP/1.1\r\nHost: arkgate.test\r\n");
-    for (name, value) in headers {
-        text.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if method != "GET" {
-        text.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    text.push_str("\r\n");
-    text.push_str(body);
-    text.into_bytes()
-}
-
-fn read_line(r: &mut BufReader<TcpStream>) -> io::Result<String> {
-    let mut line = String::new();
-    if r.read_line(&mut line)? == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed",
-        ));
-    }
-    Ok(line)
-}
-
-fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<Response> {
-    let status_line = read_line(r)?;
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, status_line.clone()))?;
-    let mut headers = Vec::new();
-    loop {
-        let line = read_line(r)?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.push((k.trim().to_string(), v.trim().to_string()));
-        }
-    }
-    let mut response = Response {
-        status,
-        headers,
-        body: Vec::new(),
-    };
-    let chunked = response
-        .header("transfer-encoding")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-    let content_length = response
-        .header("content-length")
-        .and_then(|v| v.parse::<usize>().ok());
-    if chunked {
-        loop {
-            let size_line = read_line(r)?;
-            let size = usize::from_str_radix(size_line.trim().split(';').next().unwrap_or(""), 16)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, size_line.clone()))?;
-            if size == 0 {
-                while !read_line(r)?.trim().is_empty() {}
-                break;
-            }
-            let mut chunk = vec![0; size + 2];
-            r.read_exact(&mut chunk)?;
-            response.body.extend_from_slice(&chunk[..size]);
-        }
-    } else if let Some(n) = content_length {
-        response.body.resize(n, 0);
-        r.read_exact(&mut response.body)?;
-    } else if status != 204 && status != 304 {
-        r.read_to_end(&mut response.body)?;
-    }
-    Ok(response)
 }

@@ -59,17 +59,7 @@ async fn a_match_split_across_request_chunks_is_rewritten() {
     let mock = MockUpstream::start(MockConfig::h1().reply(|_| Reply::Echo));
     let proxy = proxy(&mock.base_url("/api/v3")).start();
     let mut client = H1Client::connect(proxy.addr).await;
-    client
-        .send(&request_bytes(
-            "POST",
-            "/chat/completions",
-            &[
-                ("Content-Type", "application/json"),
-                ("Transfer-Encoding", "chunked"),
-            ],
-            b"",
-        ))
-        .await;
+    client.send_chunked_post_head("/chat/completions").await;
     // "json_schema" cut after "json_sch", then cut byte by byte, with pauses between chunks.
     let chunks: [(std::time::Duration, &[u8]); 8] = [
         (ms(0), br#"{"response_format":{"type":"json_sch"#),
@@ -248,14 +238,7 @@ async fn a_length_changing_response_rule_gives_an_h2_client_an_exact_body() {
         .yaml(LENGTH_CHANGING_RULES)
         .start();
     let client = H2Client::connect(proxy.addr).await;
-    let r = client
-        .request(
-            "POST",
-            "/chat/completions",
-            &[("content-type", "application/json")],
-            b"{}",
-        )
-        .await;
+    let r = client.post_json("/chat/completions", b"{}").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), r#"{"model":"deepseek-v3-250324"}"#);
     if let Some(len) = r.header("content-length") {
@@ -342,45 +325,31 @@ async fn an_empty_rule_list_forwards_bodies_untouched() {
     );
 }
 
+/// Sends `GET /models` with `Accept-Encoding: accept_encoding` through a proxy configured with
+/// `yaml` (empty: the default rules) and returns the request as the upstream got it.
+async fn upstream_request_accepting(yaml: &str, accept_encoding: &str) -> RecordedRequest {
+    let mock = MockUpstream::start(MockConfig::h1());
+    let proxy = start_proxy(yaml, &mock.base_url("/api/v3"));
+    let headers = [("Accept-Encoding", accept_encoding)];
+    let r = h1(proxy.addr, "GET", "/models", &headers, b"").await;
+    assert_eq!(r.status, 200);
+    mock.only_request()
+}
+
 #[tokio::test]
 async fn a_gzip_capable_client_makes_the_upstream_see_identity_when_response_rules_are_on() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = proxy(&mock.base_url("/api/v3")).start();
-    let r = h1(
-        proxy.addr,
-        "GET",
-        "/models",
-        &[("Accept-Encoding", "gzip, deflate, br")],
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    assert_eq!(
-        mock.only_request().header_all("accept-encoding"),
-        [&b"identity"[..]]
-    );
+    let seen = upstream_request_accepting("", "gzip, deflate, br").await;
+    assert_eq!(seen.header_all("accept-encoding"), [&b"identity"[..]]);
 }
 
 #[tokio::test]
 async fn accept_encoding_passes_through_when_only_request_rules_are_on() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = start_proxy(
+    let seen = upstream_request_accepting(
         "rewrite: [{find: json_schema, replace: json_object, on: [request]}]\n",
-        &mock.base_url("/api/v3"),
-    );
-    let r = h1(
-        proxy.addr,
-        "GET",
-        "/models",
-        &[("Accept-Encoding", "gzip")],
-        b"",
+        "gzip",
     )
     .await;
-    assert_eq!(r.status, 200);
-    assert_eq!(
-        mock.only_request().header_str("accept-encoding"),
-        Some("gzip")
-    );
+    assert_eq!(seen.header_str("accept-encoding"), Some("gzip"));
 }
 
 /// A valid gzip member holding `data` in one stored (uncompressed) deflate block, so the bytes
@@ -465,12 +434,7 @@ async fn an_h2_client_and_an_h2_upstream_get_both_directions_rewritten() {
     let proxy = proxy(&mock.base_url("/api/v3")).trust(&certs).h2c().start();
     let client = H2Client::connect(proxy.addr).await;
     let r = client
-        .request(
-            "POST",
-            "/chat/completions",
-            &[("content-type", "application/json")],
-            SCHEMA_REQUEST.as_bytes(),
-        )
+        .post_json("/chat/completions", SCHEMA_REQUEST.as_bytes())
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), r#"{"f":"json_object"}"#);

@@ -110,12 +110,7 @@ async fn sse_events_leave_before_the_stream_ends_for_an_h2_client() {
     let proxy = proxy(&mock.base_url("/api/v3")).h2c().start();
     let client = H2Client::connect(proxy.addr).await;
     let r = client
-        .request(
-            "POST",
-            "/chat/completions",
-            &[("content-type", "application/json")],
-            br#"{"stream":true}"#,
-        )
+        .post_json("/chat/completions", br#"{"stream":true}"#)
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), expected_body());

@@ -26,6 +26,13 @@ fn downgrade_proxy(mock: &MockUpstream) -> Proxy {
     start_proxy(DOWNGRADE, &mock.base_url("/api/v3"))
 }
 
+/// A mock upstream answering 200, and a downgrading proxy in front of it.
+fn downgrading_proxy_and_mock() -> (MockUpstream, Proxy) {
+    let mock = MockUpstream::start(MockConfig::h1());
+    let proxy = downgrade_proxy(&mock);
+    (mock, proxy)
+}
+
 /// Checks a downgraded agents body as the upstream received it.
 fn assert_downgraded(seen: &RecordedRequest, original: &str) {
     let raw = String::from_utf8(seen.body.clone()).expect("UTF-8 body");
@@ -93,10 +100,15 @@ fn assert_honest_framing(seen: &RecordedRequest) {
     }
 }
 
+/// [`assert_downgraded`] and [`assert_honest_framing`].
+fn assert_downgraded_with_honest_framing(seen: &RecordedRequest, original: &str) {
+    assert_downgraded(seen, original);
+    assert_honest_framing(seen);
+}
+
 #[tokio::test]
 async fn an_agents_json_schema_request_is_downgraded_to_json_mode() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = downgrade_proxy(&mock);
+    let (mock, proxy) = downgrading_proxy_and_mock();
     let original = agents_body("deepseek-v3-250324", false, "Grade this essay.");
     let downgraded_before = METRICS.structured_downgraded.get();
     let r = post_json(proxy.addr, "/chat/completions", &original).await;
@@ -117,8 +129,7 @@ async fn an_agents_json_schema_request_is_downgraded_to_json_mode() {
 
 #[tokio::test]
 async fn a_user_message_mentioning_json_schema_survives_the_downgrade() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = downgrade_proxy(&mock);
+    let (mock, proxy) = downgrading_proxy_and_mock();
     let user = "Explain json_schema versus json_object, quoting \"json_schema\" verbatim.";
     let original = agents_body("deepseek-v3-250324", false, user);
     let r = post_json(proxy.addr, "/chat/completions", &original).await;
@@ -130,8 +141,7 @@ async fn a_user_message_mentioning_json_schema_survives_the_downgrade() {
 
 #[tokio::test]
 async fn a_request_without_response_format_mentioning_json_schema_is_untouched() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = downgrade_proxy(&mock);
+    let (mock, proxy) = downgrading_proxy_and_mock();
     let body =
         r#"{"model":"deepseek-v3","messages":[{"role":"user","content":"what is json_schema?"}]}"#;
     let r = post_json(proxy.addr, "/chat/completions", body).await;
@@ -141,8 +151,7 @@ async fn a_request_without_response_format_mentioning_json_schema_is_untouched()
 
 #[tokio::test]
 async fn json_object_and_text_requests_pass_untouched() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = downgrade_proxy(&mock);
+    let (mock, proxy) = downgrading_proxy_and_mock();
     let bodies = [
         r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"},"temperature":0.70}"#,
         r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"text"}}"#,
@@ -239,8 +248,7 @@ async fn a_streaming_structured_request_is_downgraded_and_streams_back() {
 
 #[tokio::test]
 async fn a_chunked_upload_is_downgraded_too() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = downgrade_proxy(&mock);
+    let (mock, proxy) = downgrading_proxy_and_mock();
     let original = agents_body("deepseek-v3-250324", false, "Grade this essay.");
 
     // The same body with a Content-Length, for comparison.
@@ -248,17 +256,7 @@ async fn a_chunked_upload_is_downgraded_too() {
     let with_length = mock.last_request();
 
     let mut client = H1Client::connect(proxy.addr).await;
-    client
-        .send(&request_bytes(
-            "POST",
-            "/chat/completions",
-            &[
-                ("Content-Type", "application/json"),
-                ("Transfer-Encoding", "chunked"),
-            ],
-            b"",
-        ))
-        .await;
+    client.send_chunked_post_head("/chat/completions").await;
     let bytes = original.as_bytes();
     let cut = original.find("json_sch").expect("a json_schema") + 8;
     client
@@ -272,8 +270,7 @@ async fn a_chunked_upload_is_downgraded_too() {
     assert_eq!(r.status, 200, "{}", r.text());
 
     let seen = mock.last_request();
-    assert_downgraded(&seen, &original);
-    assert_honest_framing(&seen);
+    assert_downgraded_with_honest_framing(&seen, &original);
     assert_eq!(
         seen.body, with_length.body,
         "same result however the body was framed"
@@ -283,16 +280,14 @@ async fn a_chunked_upload_is_downgraded_too() {
 #[tokio::test]
 async fn a_large_structured_request_is_downgraded_with_honest_framing() {
     // Over the 64 KiB read-ahead: held until complete, then sent re-framed.
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = downgrade_proxy(&mock);
+    let (mock, proxy) = downgrading_proxy_and_mock();
     let essay = "lorem ipsum json_schema dolor ".repeat(10_000);
     let original = agents_body("deepseek-v3-250324", false, &essay);
     assert!(original.len() > 256 * 1024);
     let r = post_json(proxy.addr, "/chat/completions", &original).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = mock.only_request();
-    assert_downgraded(&seen, &original);
-    assert_honest_framing(&seen);
+    assert_downgraded_with_honest_framing(&seen, &original);
 }
 
 #[tokio::test]
@@ -307,46 +302,23 @@ async fn an_h2_client_request_reaches_an_h2_upstream_downgraded() {
     let client = H2Client::connect(proxy.addr).await;
     let original = agents_body("deepseek-v3-250324", false, "Grade this essay.");
     let r = client
-        .request(
-            "POST",
-            "/chat/completions",
-            &[("content-type", "application/json")],
-            original.as_bytes(),
-        )
+        .post_json("/chat/completions", original.as_bytes())
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = mock.only_request();
-    assert_downgraded(&seen, &original);
-    assert_honest_framing(&seen);
+    assert_downgraded_with_honest_framing(&seen, &original);
 }
 
 #[tokio::test]
 async fn an_expect_continue_structured_request_is_invited_before_its_body_is_read() {
     // RFC 9110 §10.1.1: a proxy must answer or forward the header section of a 100-continue
     // request at once; reading the body first leaves the client waiting for an invitation.
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = downgrade_proxy(&mock);
+    let (mock, proxy) = downgrading_proxy_and_mock();
     let original = agents_body("deepseek-v3-250324", false, "Grade this essay.");
-    let len = original.len().to_string();
-    let mut client = H1Client::connect(proxy.addr).await;
-    client
-        .send(&request_bytes(
-            "POST",
-            "/chat/completions",
-            &[
-                ("Content-Type", "application/json"),
-                ("Content-Length", &len),
-                ("Expect", "100-continue"),
-            ],
-            b"",
-        ))
-        .await;
-    let interim = tokio::time::timeout(ms(500), client.read_response(false))
+    let r = H1Client::connect(proxy.addr)
         .await
-        .expect("100 Continue before the body is sent");
-    assert_eq!(interim.status, 100);
-    client.send(original.as_bytes()).await;
-    let r = client.read_final_response(false).await;
+        .post_json_expecting_continue("/chat/completions", original.as_bytes())
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_downgraded(&mock.only_request(), &original);
 }
@@ -384,16 +356,14 @@ fn agents_body_of_len(len: usize) -> String {
 
 #[tokio::test]
 async fn bodies_on_both_sides_of_the_read_ahead_limit_are_downgraded() {
-    let mock = MockUpstream::start(MockConfig::h1());
-    let proxy = downgrade_proxy(&mock);
+    let (mock, proxy) = downgrading_proxy_and_mock();
     for len in [64 * 1024 - 1, 64 * 1024, 64 * 1024 + 1] {
         let original = agents_body_of_len(len);
         assert_eq!(original.len(), len);
         let r = post_json(proxy.addr, "/chat/completions", &original).await;
         assert_eq!(r.status, 200, "{len}: {}", r.text());
         let seen = mock.last_request();
-        assert_downgraded(&seen, &original);
-        assert_honest_framing(&seen);
+        assert_downgraded_with_honest_framing(&seen, &original);
     }
 }
 

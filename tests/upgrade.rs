@@ -10,17 +10,22 @@
 //! keep-alive, JSON answers and an SSE endpoint), blocking HTTP/1.1 clients on threads, and
 //! `arkgate` children started on temp YAML configs with short grace periods.
 
-use std::fmt::Write as _;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::Arc;
-use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::io::{self, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::process::{
+    chunk, connect, free_addr, is_chunked, json_response, path_str, post, read_chunk, read_head,
+    read_response, ArkgateProcess, Client, ScratchDir, Script, ScriptedUpstream, UpstreamRequest,
+    LAST_CHUNK,
+};
 
 /// `server.grace_period_seconds` in the test configs.
 const GRACE_S: u64 = 3;
@@ -46,8 +51,8 @@ const PING_NEW: &str = "ping-new";
 
 #[test]
 fn graceful_upgrade_under_keepalive_load_loses_no_request() {
-    let dir = TempDir::new("upgrade");
-    let upstream = MockUpstream::start();
+    let dir = ScratchDir::new("upgrade");
+    let (upstream, _) = start_upstream();
     let listen = free_addr();
     let admin = free_addr();
     let old_cfg = dir.write(
@@ -60,7 +65,7 @@ fn graceful_upgrade_under_keepalive_load_loses_no_request() {
         &config(listen, admin, upstream.addr, &dir, &new_rule),
     );
 
-    let mut old = Proc::spawn("old", &["-c", path_str(&old_cfg)], &dir);
+    let mut old = ArkgateProcess::spawn(&dir, "old", &["-c", path_str(&old_cfg)]);
     old.wait_listening(listen);
     old.wait_listening(admin);
     let first = Client::new(listen)
@@ -71,7 +76,7 @@ fn graceful_upgrade_under_keepalive_load_loses_no_request() {
 
     // A keep-alive admin connection opened now stays with the old process through the upgrade.
     let mut old_admin = Client::new(admin);
-    assert_eq!(get(&mut old_admin, "/healthz").status, 200);
+    assert_eq!(old_admin.get("/healthz").status, 200);
 
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..CLIENTS)
@@ -97,13 +102,13 @@ fn graceful_upgrade_under_keepalive_load_loses_no_request() {
     // systemd's ExecReload order: SIGQUIT to the old process, then the new one with -u.
     let quit_at = Instant::now();
     old.signal("QUIT");
-    let mut new = Proc::spawn("new", &["-u", "-c", path_str(&new_cfg)], &dir);
+    let mut new = ArkgateProcess::spawn(&dir, "new", &["-u", "-c", path_str(&new_cfg)]);
 
     // The old process says it is draining on the connection it already has.
     wait_until(
         "/healthz 503 from the draining process",
         Duration::from_secs(5),
-        || get(&mut old_admin, "/healthz").status == 503,
+        || old_admin.get("/healthz").status == 503,
     );
 
     // The old process must drain and exit by itself; note when it stops accepting.
@@ -245,7 +250,7 @@ fn graceful_upgrade_under_keepalive_load_loses_no_request() {
     assert_eq!(check.status, 200);
     assert!(check.text().contains(PING_NEW), "{}", check.text());
     assert!(!check.text().contains(PING_OLD), "{}", check.text());
-    assert_eq!(get(&mut Client::new(admin), "/healthz").status, 200);
+    assert_eq!(Client::new(admin).get("/healthz").status, 200);
 }
 
 /// One request made by a load worker.
@@ -356,6 +361,10 @@ enum Probe {
     Served,
     /// Connection refused: the listener is closed.
     Refused,
+    /// Reset before any answer. Closing a listening socket resets the connections still waiting
+    /// in the kernel's accept queue; acceptable only if the proxy never took the request, which
+    /// the test checks at the upstream (probe `id`).
+    Reset(u64),
     /// Connected, then no complete answer: what must never happen.
     Broken(String),
 }
@@ -363,15 +372,15 @@ enum Probe {
 #[test]
 fn sigterm_finishes_in_flight_requests_then_refuses_connections() {
     const SLOW_REQUESTS: usize = 5;
-    let dir = TempDir::new("sigterm");
-    let upstream = MockUpstream::start();
+    let dir = ScratchDir::new("sigterm");
+    let (upstream, slow_started, probes_seen) = start_upstream_with_probes();
     let listen = free_addr();
     let admin = free_addr();
     let cfg = dir.write(
         "arkgate.yaml",
         &config(listen, admin, upstream.addr, &dir, "[]"),
     );
-    let mut proc = Proc::spawn("arkgate", &["-c", path_str(&cfg)], &dir);
+    let mut proc = ArkgateProcess::spawn(&dir, "arkgate", &["-c", path_str(&cfg)]);
     proc.wait_listening(listen);
 
     // A keep-alive connection that is idle when the signal comes.
@@ -392,7 +401,7 @@ fn sigterm_finishes_in_flight_requests_then_refuses_connections() {
     wait_until(
         "the slow requests to reach the upstream",
         Duration::from_secs(10),
-        || upstream.stats.slow_started.load(SeqCst) == SLOW_REQUESTS,
+        || slow_started.load(SeqCst) == SLOW_REQUESTS,
     );
 
     let term_at = Instant::now();
@@ -406,7 +415,7 @@ fn sigterm_finishes_in_flight_requests_then_refuses_connections() {
         thread::spawn(move || {
             let mut probes = Vec::new();
             while !exited.load(SeqCst) && term_at.elapsed() < Duration::from_secs(15) {
-                let probe = probe_once(listen);
+                let probe = probe_once(listen, probes.len() as u64);
                 if matches!(probe, Probe::Refused) {
                     refused_seen.store(true, SeqCst);
                 }
@@ -460,24 +469,37 @@ fn sigterm_finishes_in_flight_requests_then_refuses_connections() {
     let _ = writeln!(
         io::stderr(),
         "sigterm: {SLOW_REQUESTS} in-flight requests completed; probes after the signal: served={served} \
-         refused={refused} broken={}; exited after {:.2} s ({status})",
+         refused={refused} reset-while-queued={}; exited after {:.2} s ({status})",
         probes.len() - served - refused,
         took.as_secs_f64(),
     );
-    for (at, probe) in &probes {
-        if let Probe::Broken(why) = probe {
-            panic!("a connection made {at:?} after SIGTERM was accepted and then broken: {why}");
+    let seen = probes_seen.lock().expect("probe set poisoned").clone();
+    for (i, (at, probe)) in probes.iter().enumerate() {
+        match probe {
+            Probe::Broken(why) => {
+                panic!("a connection made {at:?} after SIGTERM was accepted and then broken: {why}")
+            }
+            // A queued connection reset when the listener closed: the proxy never took it.
+            Probe::Reset(id) => assert!(
+                !seen.contains(id),
+                "probe {id} ({at:?} after SIGTERM) reached the upstream but its client got a reset"
+            ),
+            Probe::Served => assert!(
+                seen.contains(&(i as u64)),
+                "probe {i} served without the upstream"
+            ),
+            Probe::Refused => {}
         }
     }
-    let first_refused = probes
+    let first_closed = probes
         .iter()
-        .position(|p| matches!(p.1, Probe::Refused))
+        .position(|p| matches!(p.1, Probe::Refused | Probe::Reset(_)))
         .expect("the listener was closed before exit");
     assert!(
-        probes[first_refused..]
+        probes[first_closed..]
             .iter()
-            .all(|p| matches!(p.1, Probe::Refused)),
-        "a connection was served after the listener had refused one: {probes:?}"
+            .all(|p| matches!(p.1, Probe::Refused | Probe::Reset(_))),
+        "a connection was served after the listener had closed: {probes:?}"
     );
     assert!(status.success(), "exit status {status}\n{}", proc.log());
     assert!(
@@ -488,7 +510,7 @@ fn sigterm_finishes_in_flight_requests_then_refuses_connections() {
 }
 
 /// One fresh connection and one request.
-fn probe_once(addr: SocketAddr) -> Probe {
+fn probe_once(addr: SocketAddr, id: u64) -> Probe {
     let mut conn = match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
         Ok(s) => BufReader::new(s),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Probe::Refused,
@@ -499,27 +521,28 @@ fn probe_once(addr: SocketAddr) -> Probe {
         .set_read_timeout(Some(Duration::from_secs(5)));
     let result = conn
         .get_mut()
-        .write_all(&post("/v1/chat/completions", r#"{"model":"m"}"#))
+        .write_all(&post(&format!("/v1/probe?id={id}"), r#"{"model":"m"}"#))
         .and_then(|_| read_response(&mut conn));
     match result {
         Ok(r) if r.status == 200 => Probe::Served,
         Ok(r) => Probe::Broken(format!("status {}", r.status)),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Probe::Reset(id),
         Err(e) => Probe::Broken(e.to_string()),
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Harness: temp dir, config, the arkgate process
+// Harness: config, upstream, waits
 // ---------------------------------------------------------------------------------------------
 
 fn config(
     listen: SocketAddr,
     admin: SocketAddr,
     upstream: SocketAddr,
-    dir: &TempDir,
+    dir: &ScratchDir,
     rewrite: &str,
 ) -> String {
-    let d = dir.0.display();
+    let server = dir.server_yaml(GRACE_S, SHUTDOWN_TIMEOUT_S);
     format!(
         r#"listen:
   - addr: "{listen}"
@@ -533,53 +556,8 @@ logging:
   sample_rate: 0
 admin:
   addr: "{admin}"
-server:
-  threads: 2
-  pid_file: "{d}/arkgate.pid"
-  upgrade_sock: "{d}/upgrade.sock"
-  grace_period_seconds: {GRACE_S}
-  graceful_shutdown_timeout_seconds: {SHUTDOWN_TIMEOUT_S}
-"#
+{server}"#
     )
-}
-
-/// A directory of its own under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or_default();
-        let path =
-            std::env::temp_dir().join(format!("arkgate-{tag}-{}-{nanos:x}", std::process::id()));
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).expect("write temp file");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-/// A port that was free a moment ago (bound to :0, then released).
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
 }
 
 /// Polls `ready` every 10 ms until it holds; panics after `limit`.
@@ -599,454 +577,76 @@ fn signed_secs(t: Instant, origin: Instant) -> f64 {
     }
 }
 
-/// An `arkgate` child process, logging to a file in the temp dir; killed if still alive on drop.
-struct Proc {
-    child: Child,
-    log: PathBuf,
+/// The mock upstream: JSON on any path, `…/slow` after [`SLOW_MS`], and SSE on `…/sse`
+/// (`?events=N&gap_ms=M`). Also returns how many `/slow` requests have arrived.
+fn start_upstream() -> (ScriptedUpstream, Arc<AtomicUsize>) {
+    let (upstream, slow_started, _) = start_upstream_with_probes();
+    (upstream, slow_started)
 }
 
-impl Proc {
-    fn spawn(name: &str, args: &[&str], dir: &TempDir) -> Proc {
-        let log = dir.0.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("create log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_arkgate"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("clone log handle"))
-            .stderr(file)
-            .spawn()
-            .expect("start arkgate");
-        Proc { child, log }
-    }
+/// The upstream, the count of `/slow` requests it has seen, and the ids of the probes it has seen.
+fn start_upstream_with_probes() -> (ScriptedUpstream, Arc<AtomicUsize>, Arc<Mutex<HashSet<u64>>>) {
+    let slow_started = Arc::new(AtomicUsize::new(0));
+    let probes = Arc::new(Mutex::new(HashSet::new()));
+    let (seen, probed) = (slow_started.clone(), probes.clone());
+    let upstream = ScriptedUpstream::start(move |req| answer(req, &seen, &probed));
+    (upstream, slow_started, probes)
+}
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{sig} failed");
-    }
-
-    fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("wait for arkgate")
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(20));
+fn answer(
+    req: &UpstreamRequest,
+    slow_started: &AtomicUsize,
+    probes: &Mutex<HashSet<u64>>,
+) -> Script {
+    let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
+    let param = |name: &str, default: u64| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(default)
+    };
+    match path.rsplit('/').next() {
+        Some("sse") => {
+            let events = param("events", 20) as usize;
+            let gap = Duration::from_millis(param("gap_ms", 150));
+            sse_script(events, gap)
         }
-    }
-
-    /// Polls a connect to `addr` until it succeeds; panics if the process dies first.
-    fn wait_listening(&mut self, addr: SocketAddr) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return;
-            }
-            if let Some(status) = self.try_wait() {
-                panic!("arkgate exited ({status}) before listening\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "arkgate is not listening on {addr}\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
+        Some("slow") => {
+            slow_started.fetch_add(1, SeqCst);
+            vec![(Duration::from_millis(SLOW_MS), json_answer(req.body_len))]
         }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.try_wait().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        Some("probe") => {
+            probes
+                .lock()
+                .expect("probe set poisoned")
+                .insert(param("id", u64::MAX));
+            vec![(Duration::ZERO, json_answer(req.body_len))]
         }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Mock upstream: HTTP/1.1 keep-alive on tokio
-// ---------------------------------------------------------------------------------------------
-
-/// What the mock upstream has seen.
-#[derive(Default)]
-struct UpstreamStats {
-    slow_started: AtomicUsize,
-}
-
-/// Answers JSON on any path, `…/slow` after [`SLOW_MS`], and streams SSE on `…/sse`.
-struct MockUpstream {
-    addr: SocketAddr,
-    stats: Arc<UpstreamStats>,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl MockUpstream {
-    fn start() -> MockUpstream {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("mock upstream runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind mock upstream");
-        let addr = listener.local_addr().expect("mock upstream address");
-        let stats = Arc::new(UpstreamStats::default());
-        let shared = stats.clone();
-        runtime.spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(serve_upstream_connection(conn, shared.clone()));
-            }
-        });
-        MockUpstream {
-            addr,
-            stats,
-            runtime: Some(runtime),
-        }
-    }
-}
-
-impl Drop for MockUpstream {
-    fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_timeout(Duration::from_secs(2));
-        }
-    }
-}
-
-struct MockRequest {
-    target: String,
-    close: bool,
-    body_len: usize,
-}
-
-async fn serve_upstream_connection(conn: tokio::net::TcpStream, stats: Arc<UpstreamStats>) {
-    let _ = conn.set_nodelay(true);
-    let (read, mut write) = conn.into_split();
-    let mut read = tokio::io::BufReader::new(read);
-    while let Some(req) = read_mock_request(&mut read).await {
-        let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
-        let param = |name: &str, default: u64| {
-            query
-                .split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .find(|(k, _)| *k == name)
-                .and_then(|(_, v)| v.parse().ok())
-                .unwrap_or(default)
-        };
-        let written = match path.rsplit('/').next() {
-            Some("sse") => {
-                let events = param("events", 20) as usize;
-                let gap = Duration::from_millis(param("gap_ms", 150));
-                write_sse(&mut write, events, gap).await
-            }
-            Some("slow") => {
-                stats.slow_started.fetch_add(1, SeqCst);
-                tokio::time::sleep(Duration::from_millis(SLOW_MS)).await;
-                write.write_all(&json_answer(req.body_len)).await
-            }
-            _ => write.write_all(&json_answer(req.body_len)).await,
-        };
-        if written.is_err() || req.close {
-            return;
-        }
+        _ => vec![(Duration::ZERO, json_answer(req.body_len))],
     }
 }
 
 fn json_answer(received: usize) -> Vec<u8> {
-    let body = format!(
+    json_response(&format!(
         r#"{{"object":"chat.completion","choices":[{{"index":0,"message":{{"role":"assistant","content":"{PING_OLD}"}}}}],"received":{received}}}"#
-    );
-    format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+    ))
 }
 
-async fn write_sse<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    events: usize,
-    gap: Duration,
-) -> io::Result<()> {
-    w.write_all(
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n",
-    )
-    .await?;
-    w.flush().await?;
+/// `events` SSE events `gap` apart, then `[DONE]`.
+fn sse_script(events: usize, gap: Duration) -> Script {
+    let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n";
+    let mut script = vec![(Duration::ZERO, head.to_vec())];
     for i in 0..events {
-        if i > 0 {
-            tokio::time::sleep(gap).await;
-        }
-        let event = format!("data: {{\"i\":{i},\"delta\":\"{PING_OLD}\"}}\n\n");
-        w.write_all(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes())
-            .await?;
-        w.flush().await?;
-    }
-    let done = "data: [DONE]\n\n";
-    w.write_all(format!("{:x}\r\n{done}\r\n0\r\n\r\n", done.len()).as_bytes())
-        .await?;
-    w.flush().await
-}
-
-async fn read_mock_request<R: AsyncBufRead + Unpin>(r: &mut R) -> Option<MockRequest> {
-    let mut line = String::new();
-    if r.read_line(&mut line).await.ok()? == 0 {
-        return None;
-    }
-    let target = line.split_whitespace().nth(1)?.to_string();
-    let (mut content_length, mut chunked, mut close) = (0usize, false, false);
-    loop {
-        line.clear();
-        if r.read_line(&mut line).await.ok()? == 0 {
-            return None;
-        }
-        let header = line.trim_end();
-        if header.is_empty() {
-            break;
-        }
-        let (name, value) = header.split_once(':')?;
-        let value = value.trim();
-        match name.to_ascii_lowercase().as_str() {
-            "content-length" => content_length = value.parse().ok()?,
-            "transfer-encoding" => chunked = value.to_ascii_lowercase().contains("chunked"),
-            "connection" => close = value.eq_ignore_ascii_case("close"),
-            _ => {}
-        }
-    }
-    let mut body_len = 0;
-    if chunked {
-        loop {
-            line.clear();
-            r.read_line(&mut line).await.ok()?;
-            let size = usize::from_str_radix(line.trim().split(';').next()?, 16).ok()?;
-            if size == 0 {
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).await.ok()? == 0 || line.trim().is_empty() {
-                        break;
-                    }
-                }
-                break;
-            }
-            let mut chunk = vec![0; size + 2];
-            r.read_exact(&mut chunk).await.ok()?;
-            body_len += size;
-        }
-    } else {
-        let mut body = vec![0; content_length];
-        r.read_exact(&mut body).await.ok()?;
-        body_len = content_length;
-    }
-    Some(MockRequest {
-        target,
-        close,
-        body_len,
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Blocking HTTP/1.1 client
-// ---------------------------------------------------------------------------------------------
-
-/// A complete HTTP/1.1 response.
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn closes(&self) -> bool {
-        self.header("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// A keep-alive client the way HTTP clients behave: it reuses its connection unless the last
-/// answer said `Connection: close` or the server has closed it since (checked before sending).
-struct Client {
-    addr: SocketAddr,
-    conn: Option<BufReader<TcpStream>>,
-    connects: usize,
-}
-
-impl Client {
-    fn new(addr: SocketAddr) -> Client {
-        Client {
-            addr,
-            conn: None,
-            connects: 0,
-        }
-    }
-
-    /// Sends one request and reads the complete answer. Any error while the request is in
-    /// flight is returned (and the connection dropped).
-    fn send(&mut self, request: &[u8]) -> Result<Response, String> {
-        if self.conn.as_ref().is_some_and(|c| !still_open(c)) {
-            self.conn = None;
-        }
-        let conn = match self.conn.as_mut() {
-            Some(c) => c,
-            None => {
-                let c = connect(self.addr).map_err(|e| format!("connect: {e}"))?;
-                self.connects += 1;
-                self.conn.insert(c)
-            }
-        };
-        let result = conn
-            .get_mut()
-            .write_all(request)
-            .map_err(|e| format!("write: {e}"))
-            .and_then(|_| read_response(conn).map_err(|e| format!("read: {e}")));
-        match &result {
-            Ok(r) if !r.closes() => {}
-            _ => self.conn = None,
-        }
-        result
-    }
-}
-
-fn connect(addr: SocketAddr) -> io::Result<BufReader<TcpStream>> {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
-    stream.set_nodelay(true)?;
-    Ok(BufReader::new(stream))
-}
-
-/// True while the peer has neither closed the connection nor sent anything unasked.
-fn still_open(conn: &BufReader<TcpStream>) -> bool {
-    if !conn.buffer().is_empty() {
-        return false;
-    }
-    let stream = conn.get_ref();
-    if stream.set_nonblocking(true).is_err() {
-        return false;
-    }
-    let mut byte = [0u8; 1];
-    let open = matches!(stream.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
-    open && stream.set_nonblocking(false).is_ok()
-}
-
-fn post(path: &str, body: &str) -> Vec<u8> {
-    format!(
-        "POST {path} HTTP/1.1\r\nHost: arkgate.test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
-
-/// GET over `client`; panics on a connection error (used for the admin listener).
-fn get(client: &mut Client, path: &str) -> Response {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: arkgate.test\r\n\r\n");
-    client
-        .send(request.as_bytes())
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-}
-
-fn read_line(r: &mut BufReader<TcpStream>) -> io::Result<String> {
-    let mut line = String::new();
-    if r.read_line(&mut line)? == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed",
+        let pause = if i > 0 { gap } else { Duration::ZERO };
+        script.push((
+            pause,
+            chunk(&format!("data: {{\"i\":{i},\"delta\":\"{PING_OLD}\"}}\n\n")),
         ));
     }
-    Ok(line)
-}
-
-fn read_head(r: &mut BufReader<TcpStream>) -> io::Result<(u16, Vec<(String, String)>)> {
-    let status_line = read_line(r)?;
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, status_line.clone()))?;
-    let mut headers = Vec::new();
-    loop {
-        let line = read_line(r)?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            return Ok((status, headers));
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.push((k.trim().to_string(), v.trim().to_string()));
-        }
-    }
-}
-
-fn is_chunked(headers: &[(String, String)]) -> bool {
-    headers.iter().any(|(k, v)| {
-        k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked")
-    })
-}
-
-/// One chunk of a chunked body; None after the last chunk (and its trailers).
-fn read_chunk(r: &mut BufReader<TcpStream>) -> io::Result<Option<Vec<u8>>> {
-    let size_line = read_line(r)?;
-    let size = size_line
-        .trim()
-        .split(';')
-        .next()
-        .and_then(|s| usize::from_str_radix(s, 16).ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, size_line.clone()))?;
-    if size == 0 {
-        while !read_line(r)?.trim().is_empty() {}
-        return Ok(None);
-    }
-    let mut chunk = vec![0; size + 2];
-    r.read_exact(&mut chunk)?;
-    chunk.truncate(size);
-    Ok(Some(chunk))
-}
-
-fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<Response> {
-    let (status, headers) = read_head(r)?;
-    let content_length = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse::<usize>().ok());
-    let mut body = Vec::new();
-    if is_chunked(&headers) {
-        while let Some(chunk) = read_chunk(r)? {
-            body.extend_from_slice(&chunk);
-        }
-    } else if let Some(n) = content_length {
-        body.resize(n, 0);
-        r.read_exact(&mut body)?;
-    } else if status != 204 && status != 304 {
-        r.read_to_end(&mut body)?;
-    }
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
+    let mut done = chunk("data: [DONE]\n\n");
+    done.extend_from_slice(LAST_CHUNK);
+    script.push((Duration::ZERO, done));
+    script
 }

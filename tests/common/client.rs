@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::HeaderMap;
 use openssl::ssl::{SslConnector, SslMethod};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_openssl::SslStream;
 
 use super::certs::TestCerts;
-use super::mock::{read_h1_body, read_h1_head, Framing, ShowBody, ShowHeaders};
+use super::mock::{read_h1_body, read_h1_head, Framing, H1Head, ShowBody, ShowHeaders};
 
 /// The longest a client waits for a whole response.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,6 +108,45 @@ impl H1Client {
         self.send(b"0\r\n\r\n").await;
     }
 
+    /// Sends the head of a chunked JSON POST to `target`; the body follows with
+    /// [`H1Client::send_chunks`].
+    pub async fn send_chunked_post_head(&mut self, target: &str) {
+        let head = request_bytes(
+            "POST",
+            target,
+            &[
+                ("Content-Type", "application/json"),
+                ("Transfer-Encoding", "chunked"),
+            ],
+            b"",
+        );
+        self.send(&head).await;
+    }
+
+    /// A JSON POST with `Expect: 100-continue`: sends the head, asserts that `100 Continue`
+    /// arrives within 500 ms (before any of the body is sent, RFC 9110 §10.1.1), then sends
+    /// `body` and reads the final response.
+    pub async fn post_json_expecting_continue(&mut self, target: &str, body: &[u8]) -> H1Response {
+        let len = body.len().to_string();
+        let head = request_bytes(
+            "POST",
+            target,
+            &[
+                ("Content-Type", "application/json"),
+                ("Content-Length", &len),
+                ("Expect", "100-continue"),
+            ],
+            b"",
+        );
+        self.send(&head).await;
+        let interim = tokio::time::timeout(Duration::from_millis(500), self.read_response(false))
+            .await
+            .expect("100 Continue before the body is sent (RFC 9110 §10.1.1)");
+        assert_eq!(interim.status, 100);
+        self.send(body).await;
+        self.read_final_response(false).await
+    }
+
     /// Reads one response (`head_request`: the request was HEAD, so no body follows).
     pub async fn read_response(&mut self, head_request: bool) -> H1Response {
         tokio::time::timeout(CLIENT_TIMEOUT, self.read_response_inner(head_request))
@@ -120,26 +159,13 @@ impl H1Client {
             .await
             .expect("read response head")
             .expect("a response, but the proxy closed the connection (on a keep-alive connection: did it think it was draining?)");
-        let status: u16 = std::str::from_utf8(&head.start[1])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .expect("numeric status");
+        let status = response_status(&head);
         let framing = if head_request || status == 204 || status == 304 || status < 200 {
             Framing::Length(0)
         } else {
             head.framing()
         };
-        let mut pieces = Vec::new();
-        let (body, complete) =
-            read_h1_body(&mut self.io, framing, |n| pieces.push((Instant::now(), n))).await;
-        H1Response {
-            status,
-            chunked: framing == Framing::Chunked,
-            headers: head.headers,
-            body,
-            pieces,
-            complete,
-        }
+        read_h1_response(&mut self.io, head, framing).await
     }
 
     /// Reads raw bytes until the peer closes the connection.
@@ -173,6 +199,32 @@ impl H1Client {
         self.send(&request_bytes(method, target, headers, body))
             .await;
         self.read_final_response(method == "HEAD").await
+    }
+}
+
+/// The status code of a response head.
+pub fn response_status(head: &H1Head) -> u16 {
+    std::str::from_utf8(&head.start[1])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .expect("numeric status")
+}
+
+/// Reads the body that follows `head`, framed as `framing` says, timing each piece.
+pub async fn read_h1_response<R: AsyncBufReadExt + Unpin>(
+    io: &mut R,
+    head: H1Head,
+    framing: Framing,
+) -> H1Response {
+    let mut pieces = Vec::new();
+    let (body, complete) = read_h1_body(io, framing, |n| pieces.push((Instant::now(), n))).await;
+    H1Response {
+        status: response_status(&head),
+        chunked: framing == Framing::Chunked,
+        headers: head.headers,
+        body,
+        pieces,
+        complete,
     }
 }
 
@@ -317,6 +369,12 @@ impl H2Client {
             vec![(Duration::ZERO, body)]
         };
         self.request_chunks(method, path, headers, &chunks).await
+    }
+
+    /// A JSON POST (`content-type: application/json`).
+    pub async fn post_json(&self, path: &str, body: &[u8]) -> H2Response {
+        self.request("POST", path, &[("content-type", "application/json")], body)
+            .await
     }
 
     /// Sends a request whose body goes out as DATA frames, each after its pause.

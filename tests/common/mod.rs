@@ -5,6 +5,8 @@
 //!   and answers with a [`mock::Reply`], faults included.
 //! - [`proxy`]: the real arkgate in-process on free ports, stopped when its handle drops.
 //! - [`client`]: a raw HTTP/1.1 client, an HTTP/2 client and curl, all timing each body piece.
+//! - [`process`]: the real `arkgate` binary as a child process, with a scripted upstream and a
+//!   blocking client, for signals, upgrades, the log and `arkgate -t`.
 //!
 //! No fixed ports (everything binds port 0), readiness by polling a connect, and every wait is
 //! bounded, so each test stops by itself.
@@ -19,6 +21,7 @@
 pub mod certs;
 pub mod client;
 pub mod mock;
+pub mod process;
 pub mod proxy;
 
 pub use certs::TestCerts;
