@@ -305,6 +305,19 @@ impl Shared {
         lock(&self.requests).push(request);
     }
 
+    /// Records a request and picks its reply: None for an incomplete request (the client or
+    /// proxy went away mid-body), else the reply and whether it answers a HEAD.
+    fn answer(&self, request: RecordedRequest, complete: bool) -> Option<(Reply, bool)> {
+        if !complete {
+            self.record(request);
+            return None;
+        }
+        let reply = resolve((self.handler)(&request), &request);
+        let is_head = request.method == "HEAD";
+        self.record(request);
+        Some((reply, is_head))
+    }
+
     fn mark_sent(&self) {
         lock(&self.sent).push(Instant::now());
     }
@@ -819,13 +832,9 @@ async fn serve_h1(stream: MockStream, conn: usize, shared: &Shared) {
             complete,
             received,
         };
-        if !complete {
-            shared.record(request);
+        let Some((reply, is_head)) = shared.answer(request, complete) else {
             return;
-        }
-        let reply = resolve((shared.handler)(&request), &request);
-        let is_head = request.method == "HEAD";
-        shared.record(request);
+        };
         let close_requested = head.has_token("connection", "close");
         match write_h1_reply(&mut io, reply, is_head, shared).await {
             Ok(After::KeepAlive) if !close_requested => continue,
@@ -1081,13 +1090,9 @@ async fn serve_h2_stream(
         complete,
         received,
     };
-    if !complete {
-        shared.record(request);
+    let Some((reply, is_head)) = shared.answer(request, complete) else {
         return;
-    }
-    let reply = resolve((shared.handler)(&request), &request);
-    let is_head = request.method == "HEAD";
-    shared.record(request);
+    };
     let _ = write_h2_reply(respond, reply, is_head, shared, &actions).await;
 }
 
