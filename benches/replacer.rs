@@ -1,4 +1,4 @@
-//! Throughput of the streaming body replacer (`arkgate::rewrite::Replacer`) against baselines.
+//! Throughput of the streaming body replacer (`arkgate::transform::rewrite::Replacer`) against baselines.
 //!
 //! Each group is one body size and match density, e.g. `no_match/64KiB`; inside it,
 //! `replacer/chunk=…` streams the body through `Replacer::push` in chunks of that size, beside
@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arkgate::rewrite::{Replacer, RuleSet};
+use arkgate::transform::rewrite::{Replacer, RuleSet};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
 use memchr::memmem;

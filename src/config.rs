@@ -13,8 +13,8 @@ use std::time::Duration;
 use http::HeaderValue;
 use serde::Deserialize;
 
-use crate::rewrite::RuleSet;
-use crate::structured::{Mode, Policy};
+use crate::transform::rewrite::RuleSet;
+use crate::transform::structured::{Mode, Policy};
 
 /// The default upstream: Volcengine ARK, Beijing region, OpenAI-compatible API root.
 pub const DEFAULT_BASE_URL: &str = "https://ark.cn-beijing.volces.com/api/v3";

@@ -6,24 +6,27 @@
 //!
 //! # Layout
 //! - [`config`]: the YAML file's shape and its validation into a typed, ready-to-run `Config`.
-//! - [`app`]: builds the Pingora server and its services from a `Config`; the admin listener.
+//! - [`server`]: builds the Pingora server and its services from a `Config`.
+//! - [`lifecycle`]: the per-server drain signal and the watcher that sets it.
+//! - [`admin`]: the admin listener (`/metrics`, `/healthz`).
 //! - [`downstream`]: client connections around the proxy: first-request deadline, h2c sniffing,
 //!   and the deferred cleanup that makes graceful upgrades lossless.
 //! - [`proxy`]: the `ProxyHttp` implementation, hook by hook along a request's path.
-//! - [`rewrite`]: the streaming byte replacer (pure; no Pingora types).
-//! - [`structured`]: the schema-aware `json_schema` downgrade (pure JSON transform + policy).
+//! - [`transform`]: pure body transforms: the streaming byte replacer and the schema-aware
+//!   `json_schema` downgrade.
 //! - [`upstream`]: upstream addresses resolved off the request path, and the peers built from them.
 //! - [`error`]: request-time error types and their single mapping to an HTTP status and JSON body.
 //! - [`metrics`]: counters and histograms in one static, rendered for Prometheus.
 
-pub mod app;
+pub mod admin;
 pub mod config;
 pub mod downstream;
 pub mod error;
+pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
-pub mod rewrite;
-pub mod structured;
+pub mod server;
+pub mod transform;
 pub mod upstream;
 
 pub use config::{Config, ConfigError};

@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     };
     let test_only = opt.test;
     let built = arkgate::Config::from_file(std::path::Path::new(&path))
-        .and_then(|cfg| arkgate::app::build_server(cfg, opt));
+        .and_then(|cfg| arkgate::server::build_server(cfg, opt));
     let mut server = match built {
         Ok(s) => s,
         Err(e) => {

@@ -25,12 +25,12 @@ use pingora::protocols::Digest;
 use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::app::DrainSignal;
 use crate::config::Config;
 use crate::error::{self, classify, Failure};
+use crate::lifecycle::DrainSignal;
 use crate::metrics::METRICS;
-use crate::rewrite::Replacer;
-use crate::structured::{self, Mode};
+use crate::transform::rewrite::Replacer;
+use crate::transform::structured::{self, Mode};
 use crate::upstream::UpstreamPool;
 
 /// Bodies up to this size are read whole in `request_filter` when they may need a structured

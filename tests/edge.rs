@@ -406,7 +406,7 @@ fn tls_yaml(cert: &Path, key: &Path) -> String {
 /// What `build_server` says about this certificate and key (it must refuse them).
 fn startup_error(cert: &Path, key: &Path) -> String {
     let cfg = arkgate::Config::from_yaml(&tls_yaml(cert, key)).expect("the YAML itself is valid");
-    match arkgate::app::build_server(cfg, Opt::default()) {
+    match arkgate::server::build_server(cfg, Opt::default()) {
         Ok(_) => panic!(
             "a server was built with certificate {} and key {}",
             cert.display(),

@@ -154,7 +154,7 @@ impl ProxyBuilder {
 
         let cfg = arkgate::Config::from_yaml(&yaml)
             .unwrap_or_else(|e| panic!("test config rejected: {e}\n{yaml}"));
-        let mut server = arkgate::app::build_server(cfg, Opt::default())
+        let mut server = arkgate::server::build_server(cfg, Opt::default())
             .unwrap_or_else(|e| panic!("server not built: {e}\n{yaml}"));
         server.bootstrap();
         let stop = Arc::new(Notify::new());

@@ -2,27 +2,22 @@
 //!
 //! Everything that can fail (certificates, addresses) is checked here, before `bootstrap()`, so
 //! `arkgate -t` validates all of it. Services: the proxy (one per listener group), the DNS
-//! refresher, the drain watcher, and the admin listener (`/metrics`, `/healthz`).
+//! refresher, the drain watcher ([`crate::lifecycle`]), and the admin listener ([`crate::admin`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use http::Response;
-use pingora::apps::http_app::ServeHttp;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
-use pingora::protocols::http::ServerSession;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{ExecutionPhase, Server, ShutdownWatch};
-use pingora::services::background::{background_service, BackgroundService};
+use pingora::server::Server;
+use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use pingora_proxy::http_proxy;
-use tokio::sync::broadcast;
 
+use crate::admin::AdminApp;
 use crate::config::{Config, ConfigError, Listener};
 use crate::downstream::ConnectionPolicy;
-use crate::metrics::{self, METRICS};
+use crate::lifecycle::{DrainSignal, DrainWatcher};
 use crate::proxy::Gateway;
 use crate::upstream::{DnsRefresher, UpstreamPool};
 
@@ -167,87 +162,15 @@ fn server_conf(cfg: &Config) -> ServerConf {
 /// HTTP/1.1 check in the proxy, which answers 431.
 fn header_list_limit(cfg: &Config) -> u32 {
     let d = &cfg.downstream;
-    u32::try_from(d.max_header_bytes + 32 * d.max_headers).unwrap_or(u32::MAX)
+    d.max_headers
+        .checked_mul(32)
+        .and_then(|overhead| overhead.checked_add(d.max_header_bytes))
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(u32::MAX)
 }
 
 /// How long idle keep-alive connections stay open after shutdown starts: the grace period less
 /// one second, so they close before the runtimes are stopped.
 fn drain_period(cfg: &Config) -> std::time::Duration {
     std::time::Duration::from_secs(cfg.server.grace_period_seconds.saturating_sub(1))
-}
-
-/// Whether this server has begun to shut down or hand over to a new process. One per server (not
-/// per process), so servers embedded side by side in one process drain independently.
-#[derive(Debug, Default)]
-pub struct DrainSignal(AtomicBool);
-
-impl DrainSignal {
-    /// Marks the server as draining (also shown as the `arkgate_draining` gauge).
-    pub fn start(&self) {
-        self.0.store(true, Ordering::Relaxed);
-        METRICS.set_draining();
-    }
-
-    /// True once shutdown or a graceful upgrade has started.
-    pub fn is_draining(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// Starts the drain when shutdown or an upgrade begins: from then on responses carry
-/// `Connection: close` and `/healthz` answers 503.
-struct DrainWatcher {
-    phases: broadcast::Receiver<ExecutionPhase>,
-    drain: Arc<DrainSignal>,
-}
-
-#[async_trait]
-impl BackgroundService for DrainWatcher {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut phases = self.phases.resubscribe();
-        loop {
-            tokio::select! {
-                phase = phases.recv() => match phase {
-                    Ok(ExecutionPhase::GracefulUpgradeTransferringFds
-                        | ExecutionPhase::GracefulUpgradeCloseTimeout
-                        | ExecutionPhase::GracefulTerminate
-                        | ExecutionPhase::ShutdownStarted) => self.drain.start(),
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-                _ = shutdown.changed() => {
-                    self.drain.start();
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// The admin listener: `/metrics` (Prometheus text) and `/healthz` (200, or 503 while draining).
-pub struct AdminApp {
-    drain: Arc<DrainSignal>,
-}
-
-#[async_trait]
-impl ServeHttp for AdminApp {
-    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let path = session.req_header().uri.path();
-        let (status, ctype, body) = match path {
-            "/metrics" => (
-                200,
-                "text/plain; version=0.0.4",
-                metrics::render().into_bytes(),
-            ),
-            "/healthz" if self.drain.is_draining() => (503, "text/plain", b"draining\n".to_vec()),
-            "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
-            _ => (404, "text/plain", b"not found\n".to_vec()),
-        };
-        Response::builder()
-            .status(status)
-            .header(http::header::CONTENT_TYPE, ctype)
-            .header(http::header::CONTENT_LENGTH, body.len())
-            .body(body)
-            .unwrap_or_default()
-    }
 }

@@ -1,0 +1,8 @@
+//! Pure body transforms: no Pingora types, so unit and property tests and criterion benches drive
+//! them directly.
+//!
+//! - [`rewrite`]: the streaming byte replacer behind the `rewrite:` rules.
+//! - [`structured`]: the schema-aware `json_schema` downgrade (one JSON pass + per-model policy).
+
+pub mod rewrite;
+pub mod structured;
