@@ -1,11 +1,18 @@
 //! Request-time errors and the one place where an error becomes an HTTP response.
 //!
 //! Every failure the proxy answers itself goes through [`classify`]: the status, the OpenAI-style
-//! JSON body (`{"error": {"message", "type", "code"}}`) and the counter it moves. Messages are
-//! fixed strings chosen here, so no internal detail (addresses, OS errors) reaches a client.
+//! JSON body (`{"error": {"message", "type", "code"}}`) and the counter it moves. Stages return
+//! typed errors (the `ErrorType` constants below); [`respond`] is the only writer of the JSON
+//! error response, called from `fail_to_proxy`. Messages are fixed strings chosen here, so no
+//! internal detail (addresses, OS errors) reaches a client.
 
 use bytes::Bytes;
+use http::header;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType};
+
+use crate::metrics::METRICS;
 
 /// The request body is larger than `limits.max_body_bytes`.
 pub const BODY_TOO_LARGE: ErrorType = ErrorType::Custom("BodyTooLarge");
@@ -13,8 +20,11 @@ pub const BODY_TOO_LARGE: ErrorType = ErrorType::Custom("BodyTooLarge");
 pub const DEADLINE_EXCEEDED: ErrorType = ErrorType::Custom("DeadlineExceeded");
 /// DNS has not produced any address for the upstream host (yet).
 pub const NO_UPSTREAM_ADDRESS: ErrorType = ErrorType::Custom("NoUpstreamAddress");
-/// The upstream answered with something that is not HTTP.
-pub const BAD_UPSTREAM_RESPONSE: ErrorType = ErrorType::Custom("BadUpstreamResponse");
+/// The request has more header fields or header bytes than `downstream.max_headers` /
+/// `downstream.max_header_bytes` allow.
+pub const HEADERS_TOO_LARGE: ErrorType = ErrorType::HTTPStatus(431);
+/// The request's `Content-Length` is not a number.
+pub const BAD_CONTENT_LENGTH: ErrorType = ErrorType::HTTPStatus(400);
 
 /// Which failure counter an error moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,13 +160,6 @@ pub fn classify(e: &Error) -> Reply {
             "the upstream connection failed",
             Failure::UpstreamBroken,
         ),
-        (Custom(c), _) if *c == BAD_UPSTREAM_RESPONSE.as_str() => reply(
-            502,
-            "proxy_error",
-            "upstream_error",
-            "the upstream sent an invalid response",
-            Failure::UpstreamBroken,
-        ),
         _ => reply(
             500,
             "proxy_error",
@@ -165,6 +168,53 @@ pub fn classify(e: &Error) -> Reply {
             Failure::Unexpected,
         ),
     }
+}
+
+impl Failure {
+    /// Moves this failure's counter. Called once per failed request, from `fail_to_proxy`.
+    pub fn count(self) {
+        let m = &METRICS;
+        match self {
+            Failure::ConnectionTimeout => m.connection_timeout.inc(),
+            Failure::ReadTimeout => m.read_timeout.inc(),
+            Failure::ConnectFailed => m.connect_failed.inc(),
+            Failure::UpstreamBroken => m.upstream_broken.inc(),
+            Failure::BadRequest => m.bad_request.inc(),
+            Failure::BodyTooLarge => m.body_too_large.inc(),
+            Failure::ClientGone => m.client_gone.inc(),
+            Failure::Unexpected => m.unexpected_error.inc(),
+        }
+    }
+
+    /// True for failures the client caused (its request was refused): not proxy errors.
+    pub fn is_client_error(self) -> bool {
+        matches!(self, Failure::BadRequest | Failure::BodyTooLarge)
+    }
+}
+
+/// Writes `reply` as the JSON error response, unless a response has already started (a failure
+/// mid-stream): then nothing is written and the connection is ended, so the client sees an
+/// error instead of a clean but truncated body. Returns the status written (0: none).
+pub async fn respond(session: &mut Session, reply: &Reply) -> u16 {
+    if reply.status == 0 {
+        return 0;
+    }
+    if session
+        .response_written()
+        .is_some_and(|r| !r.status.is_informational())
+    {
+        return 0;
+    }
+    let body = reply.body();
+    if let Ok(mut resp) = ResponseHeader::build(reply.status, Some(3)) {
+        let _ = resp.insert_header(header::CONTENT_TYPE, "application/json");
+        let _ = resp.insert_header(header::CONTENT_LENGTH, body.len().to_string());
+        let _ = session
+            .as_downstream_mut()
+            .write_error_response(resp, body)
+            .await;
+    }
+    reply.status
 }
 
 impl Reply {

@@ -136,6 +136,10 @@ pub struct Metrics {
     pub read_timeout: Counter,
     pub retry_exhausted: Counter,
     pub unexpected_error: Counter,
+    pub connect_failed: Counter,
+    pub upstream_broken: Counter,
+    pub bad_request: Counter,
+    pub client_gone: Counter,
     pub bytes_rewritten: Counter,
     pub replacements: Counter,
     pub structured_downgraded: Counter,
@@ -167,6 +171,10 @@ pub static METRICS: Metrics = Metrics {
     read_timeout: Counter::new(),
     retry_exhausted: Counter::new(),
     unexpected_error: Counter::new(),
+    connect_failed: Counter::new(),
+    upstream_broken: Counter::new(),
+    bad_request: Counter::new(),
+    client_gone: Counter::new(),
     bytes_rewritten: Counter::new(),
     replacements: Counter::new(),
     structured_downgraded: Counter::new(),
@@ -254,7 +262,7 @@ pub fn render() -> String {
         "arkgate_upstream_first_byte_seconds",
         "Time from request start to the first upstream response byte.",
     );
-    let counters: [(&str, &str, &Counter); 16] = [
+    let counters: [(&str, &str, &Counter); 20] = [
         (
             "arkgate_upstream_connections_new_total",
             "Upstream connections opened.",
@@ -299,6 +307,26 @@ pub fn render() -> String {
             "arkgate_unexpected_error_total",
             "UNEXPECTED_ERROR: internal errors answered with 500.",
             &m.unexpected_error,
+        ),
+        (
+            "arkgate_connect_failed_total",
+            "Requests answered 502 because no upstream connection could be made.",
+            &m.connect_failed,
+        ),
+        (
+            "arkgate_upstream_broken_total",
+            "Requests answered 502 because the upstream connection failed after connecting.",
+            &m.upstream_broken,
+        ),
+        (
+            "arkgate_bad_request_total",
+            "Requests refused as malformed or over a header limit (400, 431).",
+            &m.bad_request,
+        ),
+        (
+            "arkgate_client_gone_total",
+            "Requests whose client went away before the response was complete.",
+            &m.client_gone,
         ),
         (
             "arkgate_bytes_rewritten_total",

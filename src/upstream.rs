@@ -46,18 +46,19 @@ impl UpstreamPool {
         self.cfg.hostname.parse::<IpAddr>().is_err()
     }
 
-    /// The peer for attempt `attempt` of a request: round-robin across addresses, and the next
-    /// address on each retry. None while no address is known.
-    pub fn peer(&self, attempt: usize) -> Option<Box<HttpPeer>> {
+    /// Where a new request starts in the address rotation (round-robin across requests).
+    pub fn start(&self) -> usize {
+        self.next.fetch_add(1, Relaxed)
+    }
+
+    /// The peer for attempt `attempt` of a request that started at `start` (see [`Self::start`]):
+    /// each retry moves on to the next address from the request's own start, whatever other
+    /// requests did to the rotation meanwhile. None while no address is known.
+    pub fn peer(&self, start: usize, attempt: usize) -> Option<Box<HttpPeer>> {
         let peers = self.current();
         if peers.is_empty() {
             return None;
         }
-        let start = if attempt == 0 {
-            self.next.fetch_add(1, Relaxed)
-        } else {
-            self.next.load(Relaxed).wrapping_sub(1)
-        };
         let i = start.wrapping_add(attempt) % peers.len();
         Some(Box::new(peers[i].clone()))
     }
@@ -189,5 +190,52 @@ impl BackgroundService for DnsRefresher {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(addrs: &[&str]) -> Arc<UpstreamPool> {
+        let cfg = crate::Config::from_yaml(
+            "listen: [{addr: \"127.0.0.1:1\"}]\nupstream: {base_url: \"http://127.0.0.1:9/v1\"}",
+        )
+        .expect("config")
+        .upstream;
+        let p = UpstreamPool::new(cfg);
+        p.set_addresses(addrs.iter().map(|a| a.parse().expect("addr")).collect());
+        p
+    }
+
+    fn addr_of(peer: &HttpPeer) -> SocketAddr {
+        *peer._address.as_inet().expect("inet")
+    }
+
+    #[test]
+    fn a_retry_moves_on_from_the_requests_own_start() {
+        let p = pool(&["127.0.0.1:1001", "127.0.0.1:1002", "127.0.0.1:1003"]);
+        let start = p.start();
+        let first = addr_of(&p.peer(start, 0).expect("peer"));
+        // Other requests move the shared rotation meanwhile.
+        for _ in 0..4 {
+            p.start();
+        }
+        let retry = addr_of(&p.peer(start, 1).expect("peer"));
+        assert_ne!(
+            first, retry,
+            "a retry must not go back to the address that just failed"
+        );
+        let addrs = p.addresses();
+        let i = addrs.iter().position(|a| *a == first).expect("known");
+        assert_eq!(retry, addrs[(i + 1) % addrs.len()]);
+    }
+
+    #[test]
+    fn requests_rotate_across_addresses() {
+        let p = pool(&["127.0.0.1:1001", "127.0.0.1:1002"]);
+        let a = addr_of(&p.peer(p.start(), 0).expect("peer"));
+        let b = addr_of(&p.peer(p.start(), 0).expect("peer"));
+        assert_ne!(a, b);
     }
 }

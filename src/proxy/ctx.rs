@@ -1,0 +1,49 @@
+//! The per-request context: one slice per stage, each owned and documented by its stage.
+//!
+//! Created once per request in `new_ctx`; Pingora keeps it across retries, so each stage resets
+//! in `upstream_peer` what an attempt replays.
+
+use std::time::Instant;
+
+use super::access_log::LogState;
+use super::body::BodyState;
+use super::retry::AttemptState;
+
+/// Per-request state, one field per stage.
+pub struct RequestCtx {
+    /// When the request arrived, when it went upstream and when the upstream answered.
+    pub timing: Timing,
+    /// Attempts, the chosen address, the deadline ([`super::retry`]).
+    pub attempt: AttemptState,
+    /// The body plan and rewriters ([`super::body`]).
+    pub body: BodyState,
+    /// Body samples for the access log ([`super::access_log`]).
+    pub log: LogState,
+}
+
+/// Timestamps along the request's path; read by the access log and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub started: Instant,
+    /// The upstream request head was handed to the upstream connection (last attempt).
+    pub upstream_sent: Option<Instant>,
+    /// The upstream's response header arrived.
+    pub upstream_first_byte: Option<Instant>,
+    /// The upstream's response body ended.
+    pub upstream_done: Option<Instant>,
+    /// The upstream's response status (last attempt).
+    pub upstream_status: Option<u16>,
+}
+
+impl Timing {
+    /// Timing for a request that arrived now.
+    pub fn start() -> Timing {
+        Timing {
+            started: Instant::now(),
+            upstream_sent: None,
+            upstream_first_byte: None,
+            upstream_done: None,
+            upstream_status: None,
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The `ProxyHttp` implementation: one request's path through arkgate, as stages.
+//!
+//! Each hook calls the stages that take part in it, in order; each stage is a file that owns its
+//! config (compiled at start) and its slice of [`RequestCtx`], and knows nothing of the others:
+//! - [`client`]: the client connection's timeouts and keep-alive (off while draining);
+//! - [`limits`]: header and body limits (431, 400, 413);
+//! - [`body`]: the body plan (stream, read ahead and replace, hold), structured output, byte rules
+//!   on both bodies, re-framing;
+//! - [`retry`]: attempts, address choice, backoff, retry decisions, the total deadline;
+//! - [`forwarded`]: upstream target, `Host`, `X-Forwarded-*`, `Via`, hop-by-hop fields;
+//! - [`observe`]: request metrics;
+//! - [`access_log`]: the sampled access line.
+//!
+//! Failures become responses in one place: `fail_to_proxy` → [`crate::error::classify`] →
+//! [`crate::error::respond`].
+
+mod access_log;
+mod body;
+mod client;
+mod ctx;
+mod forwarded;
+mod limits;
+mod observe;
+mod retry;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::protocols::Digest;
+use pingora::proxy::FailToProxy;
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::config::Config;
+use crate::error::{self, classify};
+use crate::lifecycle::DrainSignal;
+use crate::metrics::METRICS;
+use crate::upstream::UpstreamPool;
+
+pub use ctx::RequestCtx;
+
+/// The proxy: every stage, compiled from the configuration at start.
+pub struct Gateway {
+    client: client::ClientPolicy,
+    limits: limits::Limits,
+    body: body::Bodies,
+    retry: retry::Retries,
+    forwarded: forwarded::Forwarding,
+    access_log: access_log::AccessLog,
+}
+
+impl Gateway {
+    /// Builds the proxy for one listening service.
+    pub fn new(
+        cfg: Arc<Config>,
+        upstream: Arc<UpstreamPool>,
+        drain: Arc<DrainSignal>,
+        tls_listener: bool,
+    ) -> Gateway {
+        Gateway {
+            client: client::ClientPolicy::new(&cfg, drain),
+            limits: limits::Limits::new(&cfg),
+            body: body::Bodies::new(&cfg),
+            retry: retry::Retries::new(&cfg, upstream),
+            forwarded: forwarded::Forwarding::new(&cfg, tls_listener),
+            access_log: access_log::AccessLog::new(&cfg),
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        METRICS.in_flight.inc();
+        let timing = ctx::Timing::start();
+        RequestCtx {
+            attempt: self.retry.new_state(timing.started),
+            body: body::BodyState::default(),
+            log: self.access_log.new_state(),
+            timing,
+        }
+    }
+
+    /// Runs first for every request: client settings, limits, the body plan.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.client.request_filter(session);
+        let content_length = self.limits.request_filter(session.req_header())?;
+        self.body
+            .request_filter(session, &mut ctx.body, content_length, &self.limits)
+            .await?;
+        Ok(false)
+    }
+
+    /// Once per attempt: picks an upstream address; backs off before a retry.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        self.body.new_attempt(&mut ctx.body);
+        self.retry.upstream_peer(&mut ctx.attempt).await
+    }
+
+    /// Nothing was sent: always safe to retry, up to `upstream.max_retries`.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        self.retry.fail_to_connect(&ctx.attempt, e)
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        _digest: Option<&Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.retry.connected(&mut ctx.attempt, reused);
+        Ok(())
+    }
+
+    /// The request line and headers as they leave for the upstream.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.forwarded.upstream_request_filter(session, req)?;
+        self.body.upstream_request_filter(req, &ctx.body)?;
+        ctx.timing.upstream_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Each piece of the request body on its way upstream.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.retry.check_deadline(&ctx.attempt)?;
+        self.body
+            .request_body_filter(body, end_of_stream, &mut ctx.body, &self.limits)?;
+        ctx.log.request_chunk(body.as_ref());
+        Ok(())
+    }
+
+    /// The upstream's response header, before anything is written to the client.
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Nothing has been written to the client yet: a late header still becomes a clean 504.
+        self.retry.check_deadline(&ctx.attempt)?;
+        ctx.timing
+            .upstream_first_byte
+            .get_or_insert_with(Instant::now);
+        ctx.timing.upstream_status = Some(resp.status.as_u16());
+        if resp.status.is_server_error() {
+            METRICS.upstream_5xx.inc();
+        }
+        Ok(())
+    }
+
+    /// The response header on its way to the client.
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let from_upstream = ctx.timing.upstream_status.is_some();
+        self.body
+            .response_filter(session, resp, &mut ctx.body, from_upstream)?;
+        self.forwarded.response_filter(resp)
+    }
+
+    /// Each response chunk, forwarded as soon as it arrives (held back only for a split match).
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        self.retry.check_deadline(&ctx.attempt)?;
+        if end_of_stream {
+            ctx.timing.upstream_done = Some(Instant::now());
+        }
+        self.body
+            .response_body_filter(body, end_of_stream, &mut ctx.body);
+        ctx.log.response_chunk(body.as_ref());
+        Ok(None)
+    }
+
+    /// An HTTP/2 upstream that ends with trailers never sends a final body chunk: flush the
+    /// held-back bytes here (they replace the trailers as the last body chunk).
+    async fn response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        _trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Bytes>> {
+        ctx.timing.upstream_done.get_or_insert_with(Instant::now);
+        Ok(self.body.response_trailer_filter(&mut ctx.body))
+    }
+
+    /// Failures after the request may have reached the upstream (see [`retry`]).
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let e = e.more_context(format!("peer {peer}"));
+        let replayable = ctx.body.replayable();
+        self.retry
+            .error_while_proxy(session, &ctx.attempt, e, replayable, client_reused)
+    }
+
+    /// The one place a failure becomes a client response (see [`crate::error::classify`]).
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let reply = classify(e);
+        reply.failure.count();
+        FailToProxy {
+            error_code: error::respond(session, &reply).await,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Refused requests (431, 413, …) are the client's doing: no error log line for them.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        classify(e).failure.is_client_error()
+    }
+
+    /// Always last: metrics and the (sampled) access line.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        METRICS.in_flight.dec();
+        let written = session.response_written().map(|r| r.status.as_u16());
+        let status = match (written, e) {
+            (Some(s), _) => s,
+            (None, Some(err)) => classify(err).status,
+            (None, None) => 0,
+        };
+        observe::request_done(ctx, status);
+        self.access_log.logging(session, ctx, status, e);
+    }
+
+    /// Used in Pingora's own error log lines: method and path only (no query, no headers).
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        format!("{} {}", req.method, req.uri.path())
+    }
+}
