@@ -2,7 +2,9 @@
 //! them directly.
 //!
 //! - [`rewrite`]: the streaming byte replacer behind the `rewrite:` rules.
+//! - [`model`]: the request's top-level `model`, sniffed from the body as it streams.
 //! - [`structured`]: the schema-aware `json_schema` downgrade (one JSON pass + per-model policy).
 
+pub mod model;
 pub mod rewrite;
 pub mod structured;
