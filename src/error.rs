@@ -50,123 +50,137 @@ pub struct Reply {
     pub failure: Failure,
 }
 
-/// Maps an error to the response the client gets. The single source of truth for statuses.
-pub fn classify(e: &Error) -> Reply {
-    use ErrorType::*;
-    let etype = e.etype();
-    let source = e.esource();
-    let reply = |status, kind, code, message, failure| Reply {
+const fn reply(
+    status: u16,
+    kind: &'static str,
+    code: &'static str,
+    message: &'static str,
+    failure: Failure,
+) -> Reply {
+    Reply {
         status,
         kind,
         code,
         message,
         failure,
-    };
-    if *etype == BODY_TOO_LARGE {
-        return reply(
-            413,
-            "invalid_request_error",
-            "body_too_large",
-            "request body exceeds the configured limit",
-            Failure::BodyTooLarge,
-        );
     }
-    if *etype == DEADLINE_EXCEEDED {
-        return reply(
-            504,
-            "proxy_error",
-            "upstream_timeout",
-            "the request exceeded its total time limit",
-            Failure::ReadTimeout,
-        );
+}
+
+const INVALID: &str = "invalid_request_error";
+const PROXY: &str = "proxy_error";
+
+const BODY_TOO_LARGE_REPLY: Reply = reply(
+    413,
+    INVALID,
+    "body_too_large",
+    "request body exceeds the configured limit",
+    Failure::BodyTooLarge,
+);
+const HEADERS_TOO_LARGE_REPLY: Reply = reply(
+    431,
+    INVALID,
+    "headers_too_large",
+    "request headers are too large",
+    Failure::BadRequest,
+);
+const DEADLINE_REPLY: Reply = reply(
+    504,
+    PROXY,
+    "upstream_timeout",
+    "the request exceeded its total time limit",
+    Failure::ReadTimeout,
+);
+const NO_ADDRESS_REPLY: Reply = reply(
+    502,
+    PROXY,
+    "upstream_unreachable",
+    "the upstream host could not be resolved",
+    Failure::ConnectFailed,
+);
+const CONNECT_TIMEOUT_REPLY: Reply = reply(
+    504,
+    PROXY,
+    "upstream_connect_timeout",
+    "timed out connecting to the upstream",
+    Failure::ConnectionTimeout,
+);
+const READ_TIMEOUT_REPLY: Reply = reply(
+    504,
+    PROXY,
+    "upstream_timeout",
+    "the upstream did not answer in time",
+    Failure::ReadTimeout,
+);
+const CONNECT_FAILED_REPLY: Reply = reply(
+    502,
+    PROXY,
+    "upstream_connect_failed",
+    "could not connect to the upstream",
+    Failure::ConnectFailed,
+);
+const CLIENT_GONE_REPLY: Reply = reply(
+    0,
+    PROXY,
+    "client_closed",
+    "the client closed the connection",
+    Failure::ClientGone,
+);
+const MALFORMED_REPLY: Reply = reply(
+    400,
+    INVALID,
+    "bad_request",
+    "the request is malformed",
+    Failure::BadRequest,
+);
+const UPSTREAM_BROKEN_REPLY: Reply = reply(
+    502,
+    PROXY,
+    "upstream_error",
+    "the upstream connection failed",
+    Failure::UpstreamBroken,
+);
+const INTERNAL_REPLY: Reply = reply(
+    500,
+    PROXY,
+    "internal_error",
+    "internal proxy error",
+    Failure::Unexpected,
+);
+
+/// Maps an error to the response the client gets. The single source of truth for statuses.
+pub fn classify(e: &Error) -> Reply {
+    use ErrorType::*;
+    let etype = e.etype();
+    match etype {
+        _ if *etype == BODY_TOO_LARGE => return BODY_TOO_LARGE_REPLY,
+        _ if *etype == DEADLINE_EXCEEDED => return DEADLINE_REPLY,
+        _ if *etype == NO_UPSTREAM_ADDRESS => return NO_ADDRESS_REPLY,
+        _ => {}
     }
-    if *etype == NO_UPSTREAM_ADDRESS {
-        return reply(
-            502,
-            "proxy_error",
-            "upstream_unreachable",
-            "the upstream host could not be resolved",
-            Failure::ConnectFailed,
-        );
-    }
-    match (etype, source) {
-        (HTTPStatus(413), _) => reply(
-            413,
-            "invalid_request_error",
-            "body_too_large",
-            "request body exceeds the configured limit",
-            Failure::BodyTooLarge,
-        ),
-        (HTTPStatus(431), _) => reply(
-            431,
-            "invalid_request_error",
-            "headers_too_large",
-            "request headers are too large",
-            Failure::BadRequest,
-        ),
+    match (etype, e.esource()) {
+        (HTTPStatus(413), _) => BODY_TOO_LARGE_REPLY,
+        (HTTPStatus(431), _) => HEADERS_TOO_LARGE_REPLY,
         (HTTPStatus(code), _) if (400..500).contains(code) => reply(
             *code,
-            "invalid_request_error",
+            INVALID,
             "bad_request",
             "the request could not be processed",
             Failure::BadRequest,
         ),
-        (ConnectTimedout | TLSHandshakeTimedout, _) => reply(
-            504,
-            "proxy_error",
-            "upstream_connect_timeout",
-            "timed out connecting to the upstream",
-            Failure::ConnectionTimeout,
-        ),
-        (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => reply(
-            504,
-            "proxy_error",
-            "upstream_timeout",
-            "the upstream did not answer in time",
-            Failure::ReadTimeout,
-        ),
+        (ConnectTimedout | TLSHandshakeTimedout, _) => CONNECT_TIMEOUT_REPLY,
+        (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => READ_TIMEOUT_REPLY,
         (
             ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure | SocketError
             | BindError | TLSHandshakeFailure | InvalidCert | HandshakeError | TLSWantX509Lookup,
             _,
-        ) => reply(
-            502,
-            "proxy_error",
-            "upstream_connect_failed",
-            "could not connect to the upstream",
-            Failure::ConnectFailed,
-        ),
+        ) => CONNECT_FAILED_REPLY,
         (
             ReadTimedout | WriteTimedout | ReadError | WriteError | ConnectionClosed,
             ErrorSource::Downstream,
-        ) => reply(
-            0,
-            "proxy_error",
-            "client_closed",
-            "the client closed the connection",
-            Failure::ClientGone,
-        ),
-        (_, ErrorSource::Downstream) => reply(
-            400,
-            "invalid_request_error",
-            "bad_request",
-            "the request is malformed",
-            Failure::BadRequest,
-        ),
-        (_, ErrorSource::Upstream) => reply(
-            502,
-            "proxy_error",
-            "upstream_error",
-            "the upstream connection failed",
-            Failure::UpstreamBroken,
-        ),
-        _ => reply(
-            500,
-            "proxy_error",
-            "internal_error",
-            "internal proxy error",
-            Failure::Unexpected,
-        ),
+        ) => CLIENT_GONE_REPLY,
+        (_, ErrorSource::Downstream) => MALFORMED_REPLY,
+        (_, ErrorSource::Upstream) => UPSTREAM_BROKEN_REPLY,
+        _ => INTERNAL_REPLY,
     }
 }
 

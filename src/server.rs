@@ -12,7 +12,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
-use pingora_proxy::http_proxy;
+use pingora_proxy::{http_proxy, HttpProxy};
 
 use crate::admin::AdminApp;
 use crate::config::{Config, ConfigError, Listener};
@@ -37,8 +37,19 @@ pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
     if cfg.upstream.tls && !cfg.upstream.tls_verify {
         log::warn!("upstream certificate verification is OFF (upstream.tls_verify: false)");
     }
+    add_proxy_services(&mut server, &cfg, &pool, &drain)?;
+    add_support_services(&mut server, &cfg, &pool, drain);
+    Ok(server)
+}
 
-    // Listeners that share server options share a service: plain, plain+h2c, TLS.
+/// The proxy services. Listeners that share server options share a service: plain,
+/// plain+h2c, TLS.
+fn add_proxy_services(
+    server: &mut Server,
+    cfg: &Arc<Config>,
+    pool: &Arc<UpstreamPool>,
+    drain: &Arc<DrainSignal>,
+) -> Result<(), ConfigError> {
     let groups: [ListenerGroup; 3] = [
         ("arkgate http", |l| l.tls.is_none() && !l.h2c, false),
         ("arkgate h2c", |l| l.tls.is_none() && l.h2c, false),
@@ -52,21 +63,12 @@ pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
         let h2c = listeners.iter().any(|l| l.h2c);
         let build = |h2c: bool| {
             let gateway = Gateway::new(cfg.clone(), pool.clone(), drain.clone(), tls);
-            let mut proxy = http_proxy(&server.configuration, gateway);
-            let mut options = HttpServerOptions::default();
-            options.h2c = h2c;
-            options.h2_idle_timeout = Some(cfg.downstream.h2_idle_timeout);
-            proxy.server_options = Some(options);
-            let mut h2 = pingora::protocols::http::v2::server::H2Options::new();
-            h2.max_concurrent_streams(cfg.downstream.h2_max_concurrent_streams)
-                .max_header_list_size(header_list_limit(&cfg));
-            proxy.h2_options = Some(h2);
-            Arc::new(proxy)
+            proxy_app(server, cfg, gateway, h2c)
         };
         let app = ConnectionPolicy {
             inner: build(h2c),
             h1_only: h2c.then(|| build(false)),
-            drain: drain_period(&cfg),
+            drain: drain_period(cfg),
             first_request: cfg.downstream.client_timeout,
         };
         let mut svc = Service::new(name.to_string(), app);
@@ -82,7 +84,35 @@ pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
         }
         server.add_service(svc);
     }
+    Ok(())
+}
 
+/// One Pingora HTTP proxy app around `gateway`, with our HTTP/1.1 and HTTP/2 server settings.
+fn proxy_app(
+    server: &Server,
+    cfg: &Config,
+    gateway: Gateway,
+    h2c: bool,
+) -> Arc<HttpProxy<Gateway>> {
+    let mut proxy = http_proxy(&server.configuration, gateway);
+    let mut options = HttpServerOptions::default();
+    options.h2c = h2c;
+    options.h2_idle_timeout = Some(cfg.downstream.h2_idle_timeout);
+    proxy.server_options = Some(options);
+    let mut h2 = pingora::protocols::http::v2::server::H2Options::new();
+    h2.max_concurrent_streams(cfg.downstream.h2_max_concurrent_streams)
+        .max_header_list_size(header_list_limit(cfg));
+    proxy.h2_options = Some(h2);
+    Arc::new(proxy)
+}
+
+/// DNS refresh, the drain watcher and the admin listener.
+fn add_support_services(
+    server: &mut Server,
+    cfg: &Config,
+    pool: &Arc<UpstreamPool>,
+    drain: Arc<DrainSignal>,
+) {
     if pool.needs_dns() {
         server.add_service(background_service(
             "dns refresher",
@@ -101,7 +131,6 @@ pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);
     }
-    Ok(server)
 }
 
 fn tls_settings(files: &crate::config::TlsFiles) -> Result<TlsSettings, ConfigError> {
