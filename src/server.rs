@@ -7,7 +7,6 @@
 use std::sync::Arc;
 
 use pingora::apps::HttpServerOptions;
-use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -77,7 +76,7 @@ fn add_proxy_services(
             match &l.tls {
                 None => svc.add_tcp(&addr),
                 Some(files) => {
-                    let settings = tls_settings(files)?;
+                    let settings = crate::config::files::tls_settings(files)?;
                     svc.add_tls_with_settings(&addr, None, settings);
                 }
             }
@@ -131,35 +130,6 @@ fn add_support_services(
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);
     }
-}
-
-fn tls_settings(files: &crate::config::TlsFiles) -> Result<TlsSettings, ConfigError> {
-    let path = |p: &std::path::Path| -> Result<String, ConfigError> {
-        if !p.is_file() {
-            return Err(ConfigError(format!(
-                "listen tls: {} is not a readable file",
-                p.display()
-            )));
-        }
-        p.to_str()
-            .map(str::to_string)
-            .ok_or_else(|| ConfigError(format!("listen tls: {} is not UTF-8", p.display())))
-    };
-    let cert = path(&files.cert_path)?;
-    let key = path(&files.key_path)?;
-    let mut settings = TlsSettings::intermediate(&cert, &key).map_err(|e| {
-        ConfigError(format!(
-            "listen tls: cannot use certificate {cert} with key {key}: {}",
-            e.root_cause()
-        ))
-    })?;
-    settings.check_private_key().map_err(|_| {
-        ConfigError(format!(
-            "listen tls: key {key} does not match certificate {cert}"
-        ))
-    })?;
-    settings.enable_h2();
-    Ok(settings)
 }
 
 /// Pingora's settings, from the `server:` and `upstream:` sections.
