@@ -28,6 +28,7 @@ type ListenerGroup = (&'static str, fn(&Listener) -> bool, bool);
 pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
     // Our file is not Pingora's: its `server:` section is mapped into ServerConf below.
     opt.conf = None;
+    crate::config::files::check_files(&cfg)?;
     let conf = server_conf(&cfg);
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     let cfg = Arc::new(cfg);
