@@ -5,7 +5,7 @@
 //! - a connection that sends nothing within `downstream.client_timeout_ms` is closed (Pingora
 //!   alone would hold a silent connection for 60 s, or forever while waiting for an HTTP/2
 //!   preface); TLS streams cannot be peeked, so their first read gets a deadline instead
-//!   ([`FirstReadDeadline`]);
+//!   (`FirstReadDeadline`);
 //! - on h2c listeners, only a connection that starts with the HTTP/2 preface goes to the h2c
 //!   proxy; anything else (a short HTTP/1.0 health check, say) goes to the same proxy with h2c off;
 //! - at shutdown and graceful upgrade, Pingora's cleanup (which aborts every keep-alive

@@ -2,18 +2,20 @@
 //!
 //! It forwards every request to the configured upstream base URL, rewrites request and response
 //! bodies by byte rules while they stream, or hands the model a `json_schema` in a system message
-//! (see [`structured`]), and answers failures with OpenAI-style JSON errors.
+//! (see [`transform::structured`]), and answers failures with OpenAI-style JSON errors.
 //!
 //! # Layout
-//! - [`config`]: the YAML file's shape and its validation into a typed, ready-to-run `Config`.
+//! - [`config`]: the YAML file, one file per section, validated into a typed, ready-to-run
+//!   `Config`; every file check (certificates, CA bundle) in `config::files`.
 //! - [`server`]: builds the Pingora server and its services from a `Config`.
 //! - [`lifecycle`]: the per-server drain signal and the watcher that sets it.
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`).
 //! - [`downstream`]: client connections around the proxy: first-request deadline, h2c sniffing,
 //!   and the deferred cleanup that makes graceful upgrades lossless.
-//! - [`proxy`]: the `ProxyHttp` implementation, hook by hook along a request's path.
-//! - [`transform`]: pure body transforms: the streaming byte replacer and the schema-aware
-//!   `json_schema` downgrade.
+//! - [`proxy`]: the `ProxyHttp` implementation: each hook calls the stages (client, limits,
+//!   body, retry, forwarded, observe, access log), one file each with its slice of the context.
+//! - [`transform`]: pure body transforms: the streaming byte replacer, the schema-aware
+//!   `json_schema` downgrade, the model sniffer.
 //! - [`upstream`]: upstream addresses resolved off the request path, and the peers built from them.
 //! - [`error`]: request-time error types and their single mapping to an HTTP status and JSON body.
 //! - [`metrics`]: counters and histograms in one static, rendered for Prometheus.
