@@ -2,14 +2,14 @@
 //!
 //! Each hook calls the stages that take part in it, in order; each stage is a file that owns its
 //! config (compiled at start) and its slice of [`RequestCtx`], and knows nothing of the others:
-//! - [`client`]: the client connection's timeouts and keep-alive (off while draining);
-//! - [`limits`]: header and body limits (431, 400, 413);
-//! - [`body`]: the body plan (stream, read ahead and replace, hold), structured output, byte rules
+//! - `client`: the client connection's timeouts and keep-alive (off while draining);
+//! - `limits`: header and body limits (431, 400, 413);
+//! - `body`: the body plan (stream, read ahead and replace, hold), structured output, byte rules
 //!   on both bodies, re-framing;
-//! - [`retry`]: attempts, address choice, backoff, retry decisions, the total deadline;
-//! - [`forwarded`]: upstream target, `Host`, `X-Forwarded-*`, `Via`, hop-by-hop fields;
-//! - [`observe`]: request metrics;
-//! - [`access_log`]: the sampled access line.
+//! - `retry`: attempts, address choice, backoff, retry decisions, the total deadline;
+//! - `forwarded`: upstream target, `Host`, `X-Forwarded-*`, `Via`, hop-by-hop fields;
+//! - `observe`: request metrics;
+//! - `access_log`: the sampled access line.
 //!
 //! Failures become responses in one place: `fail_to_proxy` → [`crate::error::classify`] →
 //! [`crate::error::respond`].
@@ -220,7 +220,7 @@ impl ProxyHttp for Gateway {
         Ok(self.body.response_trailer_filter(&mut ctx.body))
     }
 
-    /// Failures after the request may have reached the upstream (see [`retry`]).
+    /// Failures after the request may have reached the upstream (see `retry`).
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
