@@ -13,11 +13,11 @@ use super::retry::AttemptState;
 pub struct RequestCtx {
     /// When the request arrived, when it went upstream and when the upstream answered.
     pub timing: Timing,
-    /// Attempts, the chosen address, the deadline ([`super::retry`]).
+    /// Attempts, the chosen address, the deadline (the `retry` stage).
     pub attempt: AttemptState,
-    /// The body plan and rewriters ([`super::body`]).
+    /// The body plan and rewriters (the `body` stage).
     pub body: BodyState,
-    /// Body samples for the access log ([`super::access_log`]).
+    /// Body samples for the access log (the `access_log` stage).
     pub log: LogState,
 }
 
