@@ -4,6 +4,8 @@
 //! request exactly as it arrived: method, raw target, headers, body and how the body was cut.
 //! What it answers is decided per request by a handler closure returning a [`Reply`], which
 //! includes the faults the reliability tests need (silence, stalls, resets, garbage, closes).
+//! An upstream can also go away: [`MockUpstream::stop`] (graceful) and [`MockUpstream::kill`]
+//! (at once); [`DeadUpstream`] is one that is down from the start and can be brought up.
 
 use std::fmt;
 use std::future::poll_fn;
@@ -21,9 +23,9 @@ use openssl::ssl::{select_next_proto, AlpnError, Ssl, SslAcceptor, SslFiletype, 
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_openssl::SslStream;
 
 use super::certs::TestCerts;
@@ -249,6 +251,7 @@ pub type Handler = Arc<dyn Fn(&RecordedRequest) -> Reply + Send + Sync>;
 
 /// How to start a mock upstream.
 pub struct MockConfig {
+    name: String,
     proto: Proto,
     tls: Option<(String, String)>,
     handler: Handler,
@@ -268,6 +271,7 @@ impl MockConfig {
     /// A mock speaking `proto`, answering 200 `{"ok":true}`.
     pub fn new(proto: Proto) -> MockConfig {
         MockConfig {
+            name: "mock".into(),
             proto,
             tls: None,
             handler: Arc::new(|_| Reply::json(r#"{"ok":true}"#)),
@@ -278,6 +282,12 @@ impl MockConfig {
     pub fn tls(mut self, certs: &TestCerts) -> MockConfig {
         let path = |p: &std::path::Path| p.to_str().expect("UTF-8 path").to_string();
         self.tls = Some((path(&certs.cert_path), path(&certs.key_path)));
+        self
+    }
+
+    /// Names the mock (for failure messages when a test runs several); "mock" by default.
+    pub fn name(mut self, name: &str) -> MockConfig {
+        self.name = name.to_string();
         self
     }
 
@@ -298,6 +308,10 @@ struct Shared {
     connections: AtomicUsize,
     closed: AtomicUsize,
     sent: Mutex<Vec<Instant>>,
+    /// Set by [`MockUpstream::stop`]: accept no more, close connections once their reply is out.
+    stopping: watch::Sender<bool>,
+    /// The listener is still open.
+    listening: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -330,9 +344,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A running mock upstream. Dropping it stops its runtime and closes every connection.
 pub struct MockUpstream {
     pub addr: SocketAddr,
+    name: String,
     tls: bool,
     shared: Arc<Shared>,
-    runtime: Option<Runtime>,
+    runtime: Mutex<Option<Runtime>>,
 }
 
 impl MockUpstream {
@@ -342,8 +357,9 @@ impl MockUpstream {
         MockUpstream::start_on(cfg, listener)
     }
 
-    /// Binds exactly `addr` (e.g. a [`dead_addr`] a proxy already points at, to bring a
-    /// "down" upstream up) and starts serving; ready as soon as this returns.
+    /// Binds exactly `addr` (e.g. the address of an upstream that was stopped) and starts
+    /// serving; ready as soon as this returns. To bring up an upstream a proxy already points
+    /// at, prefer [`DeadUpstream::revive`], which never lets go of the port.
     pub fn start_at(cfg: MockConfig, addr: SocketAddr) -> MockUpstream {
         let listener = std::net::TcpListener::bind(addr).expect("bind mock at the given address");
         MockUpstream::start_on(cfg, listener)
@@ -351,12 +367,21 @@ impl MockUpstream {
 
     /// Starts serving on a listener the caller bound.
     pub fn start_on(cfg: MockConfig, listener: std::net::TcpListener) -> MockUpstream {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("mock-upstream")
-            .enable_all()
-            .build()
-            .expect("mock runtime");
+        MockUpstream::launch(cfg, mock_runtime(), listener)
+    }
+
+    /// Listens on a socket the caller bound (a deep backlog, a [`DeadUpstream`]'s port).
+    pub fn start_on_socket(cfg: MockConfig, socket: TcpSocket, backlog: u32) -> MockUpstream {
+        let runtime = mock_runtime();
+        let listener = {
+            let _in_runtime = runtime.enter();
+            let listener = socket.listen(backlog).expect("listen on the mock socket");
+            listener.into_std().expect("std listener")
+        };
+        MockUpstream::launch(cfg, runtime, listener)
+    }
+
+    fn launch(cfg: MockConfig, runtime: Runtime, listener: std::net::TcpListener) -> MockUpstream {
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("mock address");
         let acceptor = cfg
@@ -369,13 +394,20 @@ impl MockUpstream {
             connections: AtomicUsize::new(0),
             closed: AtomicUsize::new(0),
             sent: Mutex::new(Vec::new()),
+            stopping: watch::channel(false).0,
+            listening: true.into(),
         });
         let proto = cfg.proto;
         let accept_shared = shared.clone();
         runtime.spawn(async move {
             let listener = TcpListener::from_std(listener).expect("tokio listener");
+            let mut stopping = accept_shared.stopping.subscribe();
             loop {
-                let Ok((tcp, _)) = listener.accept().await else {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = stopped(&mut stopping) => break,
+                };
+                let Ok((tcp, _)) = accepted else {
                     continue;
                 };
                 let conn = accept_shared.connections.fetch_add(1, SeqCst) + 1;
@@ -386,13 +418,53 @@ impl MockUpstream {
                     shared.closed.fetch_add(1, SeqCst);
                 });
             }
+            drop(listener);
+            accept_shared.listening.store(false, SeqCst);
         });
         MockUpstream {
             addr,
+            name: cfg.name,
             tls: cfg.tls.is_some(),
             shared,
-            runtime: Some(runtime),
+            runtime: Mutex::new(Some(runtime)),
         }
+    }
+
+    /// The name given with [`MockConfig::name`].
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A graceful stop, like a server draining: the listener closes before this returns (new
+    /// connections are refused), requests in flight get their whole reply, and each connection
+    /// closes once idle (HTTP/2: GOAWAY). See [`MockUpstream::drained`].
+    pub fn stop(&self) {
+        self.shared.stopping.send_replace(true);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.shared.listening.load(SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "{}: the listener did not close",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// True once every connection has closed (after [`MockUpstream::stop`]).
+    pub fn drained(&self) -> bool {
+        self.closed_connections() == self.connections()
+    }
+
+    /// Gone at once, like a crashed upstream: the listener and every connection are closed
+    /// (no reply finishes) before this returns. The recorded requests stay readable.
+    pub fn kill(&self) {
+        if let Some(rt) = lock(&self.runtime).take() {
+            // A runtime may not be shut down (blocking) from inside an async test's runtime.
+            let shutdown = std::thread::spawn(move || rt.shutdown_timeout(Duration::from_secs(2)));
+            let _ = shutdown.join();
+        }
+        self.shared.listening.store(false, SeqCst);
     }
 
     /// `http(s)://127.0.0.1:PORT{path}`.
@@ -459,21 +531,63 @@ impl MockUpstream {
 
 impl Drop for MockUpstream {
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
+        if let Some(rt) = lock(&self.runtime).take() {
             rt.shutdown_background();
         }
     }
 }
 
-/// An address nobody listens on: bound, then released.
-pub fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("address")
+/// Resolves once [`MockUpstream::stop`] was called.
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
 }
 
-/// A base URL for an upstream that is down (connections are refused).
-pub fn dead_base_url(path: &str) -> String {
-    format!("http://{}{path}", dead_addr())
+fn mock_runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("mock-upstream")
+        .enable_all()
+        .build()
+        .expect("mock runtime")
+}
+
+/// An upstream that is down: a socket bound to a port of its own that never listens, so
+/// connections to it are refused, and no other test can take the port while this lives.
+pub struct DeadUpstream {
+    socket: TcpSocket,
+    addr: SocketAddr,
+}
+
+impl DeadUpstream {
+    /// Binds `127.0.0.1:0` without listening.
+    pub fn new() -> DeadUpstream {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind the dead upstream");
+        let addr = socket.local_addr().expect("dead upstream address");
+        DeadUpstream { socket, addr }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn base_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Brings the upstream up on the same port (the socket starts listening).
+    pub fn revive(self, cfg: MockConfig) -> MockUpstream {
+        MockUpstream::start_on_socket(cfg, self.socket, 1024)
+    }
+}
+
+impl Default for DeadUpstream {
+    fn default() -> Self {
+        DeadUpstream::new()
+    }
 }
 
 fn acceptor(cert: &str, key: &str, proto: Proto) -> SslAcceptor {
@@ -803,8 +917,17 @@ enum After {
 
 async fn serve_h1(stream: MockStream, conn: usize, shared: &Shared) {
     let mut io = BufReader::new(stream);
+    let mut stopping = shared.stopping.subscribe();
     loop {
-        let Ok(Some(head)) = read_h1_head(&mut io).await else {
+        // An idle keep-alive connection closes when the mock stops.
+        let head = tokio::select! {
+            head = read_h1_head(&mut io) => head,
+            _ = stopped(&mut stopping) => {
+                let _ = io.shutdown().await;
+                return;
+            }
+        };
+        let Ok(Some(head)) = head else {
             return;
         };
         let received = Instant::now();
@@ -835,7 +958,7 @@ async fn serve_h1(stream: MockStream, conn: usize, shared: &Shared) {
         let Some((reply, is_head)) = shared.answer(request, complete) else {
             return;
         };
-        let close_requested = head.has_token("connection", "close");
+        let close_requested = head.has_token("connection", "close") || *stopping.borrow();
         match write_h1_reply(&mut io, reply, is_head, shared).await {
             Ok(After::KeepAlive) if !close_requested => continue,
             _ => {
@@ -1016,8 +1139,15 @@ async fn serve_h2(stream: MockStream, conn: usize, shared: &Arc<Shared>) {
         return;
     };
     let (actions_tx, mut actions) = mpsc::unbounded_channel();
+    let mut stopping = shared.stopping.subscribe();
     loop {
         tokio::select! {
+            _ = stopped(&mut stopping) => {
+                // Streams in flight finish; the client is told to open no more.
+                h2.graceful_shutdown();
+                while let Some(Ok(_)) = h2.accept().await {}
+                return;
+            }
             next = h2.accept() => match next {
                 Some(Ok((request, respond))) => {
                     let shared = shared.clone();

@@ -29,7 +29,7 @@ pub use client::{
     curl, h1, post_json, request_bytes, CurlOutput, H1Client, H1Response, H2Client, H2Response,
 };
 pub use mock::{
-    dead_addr, dead_base_url, MockConfig, MockUpstream, Proto, RecordedRequest, Reply, Version,
+    DeadUpstream, MockConfig, MockUpstream, Proto, RecordedRequest, Reply, Version,
 };
 pub use proxy::{proxy, start_proxy, yaml_str, Proxy, ProxyBuilder};
 
