@@ -611,57 +611,58 @@ fn acceptor(cert: &str, key: &str, proto: Proto) -> SslAcceptor {
 // Connections
 // ---------------------------------------------------------------------------------------------
 
-/// A plain or TLS server-side connection.
-enum MockStream {
+/// A plain or TLS connection (the mock's side or a client's).
+pub enum Stream {
     Plain(TcpStream),
     Tls(Pin<Box<SslStream<TcpStream>>>),
 }
 
-impl MockStream {
-    fn tcp(&self) -> &TcpStream {
+impl Stream {
+    /// The TCP socket under it.
+    pub fn tcp(&self) -> &TcpStream {
         match self {
-            MockStream::Plain(s) => s,
-            MockStream::Tls(s) => s.get_ref(),
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref(),
         }
     }
 }
 
-impl AsyncRead for MockStream {
+impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            MockStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            MockStream::Tls(s) => s.as_mut().poll_read(cx, buf),
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => s.as_mut().poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for MockStream {
+impl AsyncWrite for Stream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            MockStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            MockStream::Tls(s) => s.as_mut().poll_write(cx, buf),
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => s.as_mut().poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            MockStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            MockStream::Tls(s) => s.as_mut().poll_flush(cx),
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => s.as_mut().poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            MockStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            MockStream::Tls(s) => s.as_mut().poll_shutdown(cx),
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => s.as_mut().poll_shutdown(cx),
         }
     }
 }
@@ -681,7 +682,7 @@ async fn serve_connection(
             } else {
                 Version::H1
             };
-            (MockStream::Plain(tcp), version)
+            (Stream::Plain(tcp), version)
         }
         Some(acceptor) => {
             let Ok(ssl) = Ssl::new(acceptor.context()) else {
@@ -700,7 +701,7 @@ async fn serve_connection(
                 None if proto == Proto::H2 => Version::H2,
                 None => Version::H1,
             };
-            (MockStream::Tls(stream), version)
+            (Stream::Tls(stream), version)
         }
     };
     match version {
@@ -830,12 +831,12 @@ pub async fn read_h1_head<R: AsyncBufReadExt + Unpin>(io: &mut R) -> io::Result<
     Ok(Some(H1Head { start, headers }))
 }
 
-/// Reads a body with the given framing, calling `piece` with the size of each piece as it
-/// arrives. Returns the body and whether it was complete.
+/// Reads a body with the given framing, calling `piece` with each piece as it arrives.
+/// Returns the body and whether it was complete.
 pub async fn read_h1_body<R: AsyncBufReadExt + Unpin>(
     io: &mut R,
     framing: Framing,
-    mut piece: impl FnMut(usize),
+    mut piece: impl FnMut(&[u8]),
 ) -> (Vec<u8>, bool) {
     let mut body = Vec::new();
     match framing {
@@ -847,7 +848,7 @@ pub async fn read_h1_body<R: AsyncBufReadExt + Unpin>(
                     Ok(0) | Err(_) => return (body, false),
                     Ok(got) => {
                         body.extend_from_slice(&buf[..got]);
-                        piece(got);
+                        piece(&buf[..got]);
                     }
                 }
             }
@@ -886,7 +887,7 @@ pub async fn read_h1_body<R: AsyncBufReadExt + Unpin>(
                     body.truncate(start);
                     return (body, false);
                 }
-                piece(size);
+                piece(&body[start..]);
                 line.clear();
                 if !matches!(io.read_until(b'\n', &mut line).await, Ok(n) if n > 0) {
                     return (body, false);
@@ -901,7 +902,7 @@ pub async fn read_h1_body<R: AsyncBufReadExt + Unpin>(
                     Err(_) => return (body, false),
                     Ok(got) => {
                         body.extend_from_slice(&buf[..got]);
-                        piece(got);
+                        piece(&buf[..got]);
                     }
                 }
             }
@@ -915,7 +916,7 @@ enum After {
     Close,
 }
 
-async fn serve_h1(stream: MockStream, conn: usize, shared: &Shared) {
+async fn serve_h1(stream: Stream, conn: usize, shared: &Shared) {
     let mut io = BufReader::new(stream);
     let mut stopping = shared.stopping.subscribe();
     loop {
@@ -941,7 +942,7 @@ async fn serve_h1(stream: MockStream, conn: usize, shared: &Shared) {
             f => f,
         };
         let mut chunks = Vec::new();
-        let (body, complete) = read_h1_body(&mut io, framing, |n| chunks.push(n)).await;
+        let (body, complete) = read_h1_body(&mut io, framing, |d| chunks.push(d.len())).await;
         let [method, target, _version] = &head.start;
         let request = RecordedRequest {
             conn,
@@ -1011,7 +1012,7 @@ async fn write_chunk<W: AsyncWrite + Unpin>(io: &mut W, data: &[u8]) -> io::Resu
 const CHUNKED: (&str, &str) = ("transfer-encoding", "chunked");
 
 async fn write_h1_reply(
-    io: &mut BufReader<MockStream>,
+    io: &mut BufReader<Stream>,
     reply: Reply,
     is_head: bool,
     shared: &Shared,
@@ -1134,7 +1135,7 @@ enum ConnAction {
     Abort,
 }
 
-async fn serve_h2(stream: MockStream, conn: usize, shared: &Arc<Shared>) {
+async fn serve_h2(stream: Stream, conn: usize, shared: &Arc<Shared>) {
     let Ok(mut h2) = h2::server::handshake(stream).await else {
         return;
     };

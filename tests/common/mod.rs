@@ -26,12 +26,13 @@ pub mod proxy;
 
 pub use certs::TestCerts;
 pub use client::{
-    curl, h1, post_json, request_bytes, CurlOutput, H1Client, H1Response, H2Client, H2Response,
+    alpn, curl, h1, json_post_bytes, post_json, request_bytes, tls_connect, BlockingClient,
+    CurlOutput, H1Client, H1Response, H2Client, H2Response,
 };
 pub use mock::{
     DeadUpstream, MockConfig, MockUpstream, Proto, RecordedRequest, Reply, Version,
 };
-pub use proxy::{proxy, start_proxy, yaml_str, Proxy, ProxyBuilder};
+pub use proxy::{proxy, start_proxy, yaml_str, Listeners, Proxy, ProxyBuilder};
 
 use std::time::Duration;
 
