@@ -21,9 +21,7 @@ use tokio::sync::watch;
 use tokio_openssl::SslStream;
 
 use super::certs::TestCerts;
-use super::mock::{
-    read_h1_body, read_h1_head, Framing, H1Head, ShowBody, ShowHeaders, Stream,
-};
+use super::mock::{read_h1_body, read_h1_head, Framing, H1Head, ShowBody, ShowHeaders, Stream};
 
 /// The longest a client waits for a whole response.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -220,7 +218,8 @@ impl H1Client {
     ) -> io::Result<H1Response> {
         let head_request = request.starts_with(b"HEAD ");
         let exchange = async {
-            let context = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+            let context =
+                |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
             self.io
                 .get_mut()
                 .write_all(request)
@@ -508,7 +507,11 @@ impl BlockingClient {
     }
 
     /// [`BlockingClient::send`], passing each body piece to `on_piece` as it arrives.
-    pub fn stream(&mut self, request: &[u8], on_piece: impl FnMut(&[u8])) -> io::Result<H1Response> {
+    pub fn stream(
+        &mut self,
+        request: &[u8],
+        on_piece: impl FnMut(&[u8]),
+    ) -> io::Result<H1Response> {
         if self.conn.as_ref().is_some_and(|c| !c.is_reusable()) {
             self.conn = None;
         }
@@ -677,7 +680,11 @@ impl H2Client {
 
     /// A bodiless GET; `Err` when no response head arrived (stream reset, closed connection,
     /// the client timeout).
-    pub async fn try_get(&self, path: &str, headers: &[(&str, &str)]) -> Result<H2Response, String> {
+    pub async fn try_get(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<H2Response, String> {
         self.try_request("GET", path, headers, &[]).await
     }
 

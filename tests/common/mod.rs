@@ -29,9 +29,7 @@ pub use client::{
     alpn, curl, h1, json_post_bytes, post_json, request_bytes, tls_connect, BlockingClient,
     CurlOutput, H1Client, H1Response, H2Client, H2Response,
 };
-pub use mock::{
-    DeadUpstream, MockConfig, MockUpstream, Proto, RecordedRequest, Reply, Version,
-};
+pub use mock::{DeadUpstream, MockConfig, MockUpstream, Proto, RecordedRequest, Reply, Version};
 pub use proxy::{proxy, start_proxy, yaml_str, Listeners, Proxy, ProxyBuilder};
 
 use std::time::Duration;

@@ -87,7 +87,12 @@ impl ArkgateProcess {
     }
 
     /// `arkgate ARGS` with `RUST_LOG=level`.
-    pub fn spawn_with_log(dir: &ScratchDir, name: &str, args: &[&str], level: &str) -> ArkgateProcess {
+    pub fn spawn_with_log(
+        dir: &ScratchDir,
+        name: &str,
+        args: &[&str],
+        level: &str,
+    ) -> ArkgateProcess {
         let log = dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("create log file");
         let child = Command::new(env!("CARGO_BIN_EXE_arkgate"))
@@ -237,7 +242,10 @@ impl ProxyProcess {
         let conf = dir.write_config("arkgate.yaml", proxy, &at);
         let mut process =
             ArkgateProcess::spawn_with_log(&dir, "arkgate", &["-c", path_str(&conf)], level);
-        for addr in [Some(at.addr), at.tls_addr, at.admin_addr].into_iter().flatten() {
+        for addr in [Some(at.addr), at.tls_addr, at.admin_addr]
+            .into_iter()
+            .flatten()
+        {
             process.wait_listening(addr);
         }
         ProxyProcess { at, process, dir }

@@ -166,7 +166,10 @@ impl ProxyBuilder {
 
     /// The YAML for listeners `at`, with the pid file and upgrade socket in `dir`.
     pub fn render(&self, at: &Listeners, dir: &std::path::Path) -> String {
-        let mut yaml = format!("listen:\n  - {{addr: \"{}\", h2c: {}}}\n", at.addr, self.h2c);
+        let mut yaml = format!(
+            "listen:\n  - {{addr: \"{}\", h2c: {}}}\n",
+            at.addr, self.h2c
+        );
         if let (Some(a), Some((cert, key))) = (at.tls_addr, &self.tls_listener) {
             yaml +=
                 &format!("  - {{addr: \"{a}\", tls: {{cert_path: {cert}, key_path: {key}}}}}\n");
