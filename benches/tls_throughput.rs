@@ -11,7 +11,6 @@
 //! `tests/common/`.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -28,28 +27,33 @@ fn per_second(n: usize, t: Duration) -> f64 {
     n as f64 / t.as_secs_f64()
 }
 
-/// `n` sequential GETs on `client` after a warm-up; how long the `n` took.
-async fn h1_run(client: &mut H1Client, n: usize) -> Duration {
-    for _ in 0..WARM_UP {
-        assert_eq!(client.request("GET", "/models", &[], b"").await.status, 200);
-    }
-    let start = Instant::now();
-    for _ in 0..n {
-        assert_eq!(client.request("GET", "/models", &[], b"").await.status, 200);
-    }
-    start.elapsed()
+/// One keep-alive connection to time.
+enum Conn<'a> {
+    H1(&'a mut H1Client),
+    H2(&'a H2Client),
 }
 
-/// `n` sequential GETs, one stream at a time, on `client` after a warm-up.
-async fn h2_run(client: &H2Client, n: usize) -> Duration {
-    for _ in 0..WARM_UP {
-        assert_eq!(client.request("GET", "/models", &[], b"").await.status, 200);
+impl Conn<'_> {
+    /// `GET /models`; its status.
+    async fn get(&mut self) -> u16 {
+        match self {
+            Conn::H1(c) => c.request("GET", "/models", &[], b"").await.status,
+            Conn::H2(c) => c.request("GET", "/models", &[], b"").await.status,
+        }
     }
-    let start = Instant::now();
-    for _ in 0..n {
-        assert_eq!(client.request("GET", "/models", &[], b"").await.status, 200);
+
+    /// `n` sequential GETs after a warm-up (one stream at a time on HTTP/2); how long the `n`
+    /// took.
+    async fn time(mut self, n: usize) -> Duration {
+        for _ in 0..WARM_UP {
+            assert_eq!(self.get().await, 200);
+        }
+        let start = Instant::now();
+        for _ in 0..n {
+            assert_eq!(self.get().await, 200);
+        }
+        start.elapsed()
     }
-    start.elapsed()
 }
 
 async fn run(requests: usize) {
@@ -61,7 +65,9 @@ async fn run(requests: usize) {
     let tls_addr = proxy.tls_addr.expect("TLS listener");
     let mut lines = Vec::new();
 
-    let t = h1_run(&mut H1Client::connect(proxy.addr).await, requests).await;
+    let t = Conn::H1(&mut H1Client::connect(proxy.addr).await)
+        .time(requests)
+        .await;
     lines.push(format!(
         "plain HTTP/1.1 keep-alive: {:.0} req/s",
         per_second(requests, t)
@@ -71,14 +77,14 @@ async fn run(requests: usize) {
         .await
         .expect("TLS");
     let version = tls.ssl().version_str();
-    let t = h1_run(&mut H1Client::over_tls(tls), requests).await;
+    let t = Conn::H1(&mut H1Client::over_tls(tls)).time(requests).await;
     lines.push(format!(
         "{version} HTTP/1.1 keep-alive: {:.0} req/s",
         per_second(requests, t)
     ));
 
     let h2 = H2Client::connect_tls(tls_addr, &certs).await;
-    let t = h2_run(&h2, requests).await;
+    let t = Conn::H2(&h2).time(requests).await;
     lines.push(format!(
         "{version} h2, one stream at a time: {:.0} req/s",
         per_second(requests, t)

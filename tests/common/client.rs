@@ -21,7 +21,10 @@ use tokio::sync::watch;
 use tokio_openssl::SslStream;
 
 use super::certs::TestCerts;
-use super::mock::{read_h1_body, read_h1_head, Framing, H1Head, ShowBody, ShowHeaders, Stream};
+use super::mock::{
+    find_header, has_header_token, read_h1_body, read_h1_head, read_h2_body, Framing, H1Head,
+    ShowBody, ShowHeaders, Stream,
+};
 
 /// The longest a client waits for a whole response.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,10 +127,7 @@ impl std::fmt::Debug for H1Response {
 impl H1Response {
     /// The first value of header `name` as text (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| std::str::from_utf8(v).unwrap_or(""))
+        find_header(&self.headers, name).map(|v| std::str::from_utf8(v).unwrap_or(""))
     }
 
     /// The body as text (lossy).
@@ -142,11 +142,7 @@ impl H1Response {
 
     /// True when `header` is a comma-separated list containing `token` (case-insensitive).
     pub fn has_token(&self, header: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(header))
-            .flat_map(|(_, v)| v.split(|b| *b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        has_header_token(&self.headers, header, token)
     }
 
     /// The response said `Connection: close`.
@@ -656,26 +652,15 @@ impl H2Client {
         } else {
             vec![(Duration::ZERO, body)]
         };
-        self.request_chunks(method, path, headers, &chunks).await
+        self.try_request(method, path, headers, &chunks)
+            .await
+            .expect("an h2 response")
     }
 
     /// A JSON POST (`content-type: application/json`).
     pub async fn post_json(&self, path: &str, body: &[u8]) -> H2Response {
         self.request("POST", path, &[("content-type", "application/json")], body)
             .await
-    }
-
-    /// Sends a request whose body goes out as DATA frames, each after its pause.
-    pub async fn request_chunks(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        chunks: &[(Duration, &[u8])],
-    ) -> H2Response {
-        self.try_request(method, path, headers, chunks)
-            .await
-            .expect("an h2 response")
     }
 
     /// A bodiless GET; `Err` when no response head arrived (stream reset, closed connection,
@@ -688,7 +673,9 @@ impl H2Client {
         self.try_request("GET", path, headers, &[]).await
     }
 
-    /// [`H2Client::request_chunks`], with `Err` when no response head arrived.
+    /// Sends a request whose body goes out as DATA frames, each after its pause, and reads the
+    /// whole response; `Err` when no response head arrived (stream reset, closed connection,
+    /// the client timeout).
     pub async fn try_request(
         &self,
         method: &str,
@@ -696,70 +683,48 @@ impl H2Client {
         headers: &[(&str, &str)],
         chunks: &[(Duration, &[u8])],
     ) -> Result<H2Response, String> {
-        tokio::time::timeout(
-            CLIENT_TIMEOUT,
-            self.request_inner(method, path, headers, chunks),
-        )
-        .await
-        .map_err(|_| "no h2 response within the client timeout".to_string())?
-    }
-
-    async fn request_inner(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        chunks: &[(Duration, &[u8])],
-    ) -> Result<H2Response, String> {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
-        for (n, v) in headers {
-            req = req.header(*n, *v);
-        }
-        let req = req.body(()).map_err(|e| e.to_string())?;
-        let mut send = self.send.clone().ready().await.map_err(|e| e.to_string())?;
-        let (response, mut stream) = send
-            .send_request(req, chunks.is_empty())
-            .map_err(|e| e.to_string())?;
-        for (i, (pause, data)) in chunks.iter().enumerate() {
-            tokio::time::sleep(*pause).await;
-            stream
-                .send_data(Bytes::copy_from_slice(data), i + 1 == chunks.len())
-                .expect("send h2 body");
-        }
-        let (parts, mut body) = response.await.map_err(|e| e.to_string())?.into_parts();
-        let mut data = Vec::new();
-        let mut pieces = Vec::new();
-        let mut error = None;
-        while let Some(piece) = body.data().await {
-            match piece {
-                Ok(piece) => {
-                    let _ = body.flow_control().release_capacity(piece.len());
-                    pieces.push((Instant::now(), piece.len()));
-                    data.extend_from_slice(&piece);
-                }
-                Err(e) => {
-                    error = Some(e.to_string());
-                    break;
-                }
+        let exchange = async {
+            let mut req = http::Request::builder()
+                .method(method)
+                .uri(format!("{}{path}", self.base));
+            for (n, v) in headers {
+                req = req.header(*n, *v);
             }
-        }
-        let trailers = match error {
-            None => body.trailers().await.unwrap_or_else(|e| {
-                error = Some(e.to_string());
-                None
-            }),
-            Some(_) => None,
+            let req = req.body(()).map_err(|e| e.to_string())?;
+            let mut send = self.send.clone().ready().await.map_err(|e| e.to_string())?;
+            let (response, mut stream) = send
+                .send_request(req, chunks.is_empty())
+                .map_err(|e| e.to_string())?;
+            for (i, (pause, data)) in chunks.iter().enumerate() {
+                tokio::time::sleep(*pause).await;
+                stream
+                    .send_data(Bytes::copy_from_slice(data), i + 1 == chunks.len())
+                    .expect("send h2 body");
+            }
+            let (parts, mut body) = response.await.map_err(|e| e.to_string())?.into_parts();
+            let mut pieces = Vec::new();
+            let (data, error) =
+                read_h2_body(&mut body, |d| pieces.push((Instant::now(), d.len()))).await;
+            let mut error = error.map(|e| e.to_string());
+            let trailers = match error {
+                None => body.trailers().await.unwrap_or_else(|e| {
+                    error = Some(e.to_string());
+                    None
+                }),
+                Some(_) => None,
+            };
+            Ok::<_, String>(H2Response {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body: data,
+                pieces,
+                trailers,
+                error,
+            })
         };
-        Ok(H2Response {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body: data,
-            pieces,
-            trailers,
-            error,
-        })
+        tokio::time::timeout(CLIENT_TIMEOUT, exchange)
+            .await
+            .map_err(|_| "no h2 response within the client timeout".to_string())?
     }
 }
 

@@ -118,13 +118,28 @@ impl fmt::Debug for ShowBody<'_> {
     }
 }
 
+/// The first value of header `name` in `headers` (case-insensitive).
+pub fn find_header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice())
+}
+
+/// True when header `header` in `headers` is a comma-separated list containing `token`
+/// (case-insensitive).
+pub fn has_header_token(headers: &[(String, Vec<u8>)], header: &str, token: &str) -> bool {
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(header))
+        .flat_map(|(_, v)| v.split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
 impl RecordedRequest {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+        find_header(&self.headers, name)
     }
 
     /// The first value of header `name` as text ("" if it is not UTF-8).
@@ -745,20 +760,14 @@ pub struct H1Head {
 }
 
 impl H1Head {
+    /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+        find_header(&self.headers, name)
     }
 
     /// True when `header` is a comma-separated list containing `token` (case-insensitive).
     pub fn has_token(&self, header: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(header))
-            .flat_map(|(_, v)| v.split(|b| *b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        has_header_token(&self.headers, header, token)
     }
 
     /// The framing of the body that follows this head.
@@ -1041,7 +1050,6 @@ async fn write_h1_reply(
             io.flush().await?;
             After::KeepAlive
         }
-        Reply::Echo => unreachable!("resolved before writing"),
         Reply::Chunks {
             status,
             headers,
@@ -1112,7 +1120,7 @@ async fn write_h1_reply(
             tokio::time::sleep(delay).await;
             Box::pin(write_h1_reply(io, *inner, is_head, shared)).await?
         }
-        Reply::CloseAfterResponse(_) => unreachable!("unwrapped above"),
+        Reply::Echo | Reply::CloseAfterResponse(_) => unreachable!("resolved and unwrapped above"),
     };
     Ok(if close_after { After::Close } else { after })
 }
@@ -1172,6 +1180,27 @@ async fn serve_h2(stream: Stream, conn: usize, shared: &Arc<Shared>) {
     }
 }
 
+/// Reads an HTTP/2 body to its end (trailers excepted), giving back flow-control capacity and
+/// calling `piece` with each DATA frame's payload. Returns the body and the error that cut it
+/// short, if any.
+pub async fn read_h2_body(
+    body: &mut h2::RecvStream,
+    mut piece: impl FnMut(&[u8]),
+) -> (Vec<u8>, Option<h2::Error>) {
+    let mut data = Vec::new();
+    while let Some(next) = body.data().await {
+        match next {
+            Ok(frame) => {
+                let _ = body.flow_control().release_capacity(frame.len());
+                piece(&frame);
+                data.extend_from_slice(&frame);
+            }
+            Err(e) => return (data, Some(e)),
+        }
+    }
+    (data, None)
+}
+
 async fn serve_h2_stream(
     request: http::Request<h2::RecvStream>,
     respond: h2::server::SendResponse<Bytes>,
@@ -1181,22 +1210,9 @@ async fn serve_h2_stream(
 ) {
     let received = Instant::now();
     let (parts, mut body) = request.into_parts();
-    let mut data = Vec::new();
     let mut chunks = Vec::new();
-    let mut complete = true;
-    while let Some(next) = body.data().await {
-        match next {
-            Ok(piece) => {
-                let _ = body.flow_control().release_capacity(piece.len());
-                chunks.push(piece.len());
-                data.extend_from_slice(&piece);
-            }
-            Err(_) => {
-                complete = false;
-                break;
-            }
-        }
-    }
+    let (data, error) = read_h2_body(&mut body, |d| chunks.push(d.len())).await;
+    let complete = error.is_none();
     if complete {
         let _ = body.trailers().await;
     }
@@ -1270,7 +1286,6 @@ async fn write_h2_reply(
                 respond.send_response(head, false)?.send_data(body, true)?;
             }
         }
-        Reply::Echo => unreachable!("resolved before writing"),
         Reply::Chunks {
             status,
             headers,
@@ -1323,7 +1338,7 @@ async fn write_h2_reply(
             tokio::time::sleep(delay).await;
             Box::pin(write_h2_reply(respond, *inner, is_head, shared, actions)).await?;
         }
-        Reply::CloseAfterResponse(_) => unreachable!("unwrapped above"),
+        Reply::Echo | Reply::CloseAfterResponse(_) => unreachable!("resolved and unwrapped above"),
     }
     if close_after {
         let _ = actions.send(ConnAction::Close);
