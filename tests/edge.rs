@@ -2,236 +2,28 @@
 //! HTTP/1.1 by ALPN, TLS 1.2 and 1.3, chained certificates, clear start-up errors), h2c beside
 //! HTTP/1.1, SSE through HTTP/2, the forwarding headers and `Via`, header limits (431), and the
 //! client-side idle timeouts, including memory returning near its baseline once many idle HTTP/2
-//! connections are closed. One test only prints TLS and plain throughput for the closing note.
+//! connections are closed.
 //!
 //! The memory test runs the real binary in its own process, so its RSS is the proxy's alone.
-//! The throughput test times the in-process proxy, so it runs alone: every other test holds
-//! [`shared`], it holds [`alone`].
+//! (TLS and plain throughput figures are a benchmark: `benches/tls_throughput.rs`.)
 
 mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::client::CLIENT_TIMEOUT;
-use common::mock::{read_h1_head, Framing, H1Head};
-use common::process::{
-    assert_config_test_accepts, config_test_rejection, path_str, ArkgateProcess, ScratchDir,
-};
+use common::client::{alpn, tls_connect, wait_for_close};
+use common::process::{assert_config_test_accepts, config_test_rejection, ProxyProcess};
 use common::*;
-use h2::client::SendRequest;
-use openssl::ssl::{SslConnector, SslConnectorBuilder, SslMethod, SslVersion};
+use openssl::ssl::SslVersion;
 use pingora::server::configuration::Opt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
-use tokio::task::JoinHandle;
-use tokio_openssl::SslStream;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Held shared by every test, and exclusively by the one that times the in-process proxy.
-static MEASURING: RwLock<()> = RwLock::const_new(());
-
-async fn shared() -> RwLockReadGuard<'static, ()> {
-    MEASURING.read().await
-}
-
-fn shared_blocking() -> RwLockReadGuard<'static, ()> {
-    MEASURING.blocking_read()
-}
-
-async fn alone() -> RwLockWriteGuard<'static, ()> {
-    MEASURING.write().await
-}
-
-type TlsStream = Pin<Box<SslStream<TcpStream>>>;
-
-/// A TLS client trusting `ca`, with `setup` choosing ALPN, versions, ciphers.
-fn tls_client(ca: &Path, setup: impl FnOnce(&mut SslConnectorBuilder)) -> SslConnector {
-    let mut b = SslConnector::builder(SslMethod::tls()).expect("TLS connector");
-    b.set_ca_file(ca).expect("trust the test CA");
-    setup(&mut b);
-    b.build()
-}
-
-/// A TLS connection to `addr` made by `client` (verifying the name `localhost`).
-async fn tls_handshake(addr: SocketAddr, client: &SslConnector) -> Result<TlsStream, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let ssl = client
-        .configure()
-        .and_then(|c| c.into_ssl("localhost"))
-        .expect("client TLS");
-    let mut tls = Box::pin(SslStream::new(ssl, tcp).expect("TLS stream"));
-    tokio::time::timeout(CLIENT_TIMEOUT, tls.as_mut().connect())
-        .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok(tls)
-}
-
-/// A TLS connection to `addr` trusting `ca`, with `setup` choosing ALPN, versions, ciphers.
-async fn tls_connect(
-    addr: SocketAddr,
-    ca: &Path,
-    setup: impl FnOnce(&mut SslConnectorBuilder),
-) -> Result<TlsStream, String> {
-    tls_handshake(addr, &tls_client(ca, setup)).await
-}
-
-fn alpn(protos: &'static [u8]) -> impl FnOnce(&mut SslConnectorBuilder) {
-    move |b| b.set_alpn_protos(protos).expect("ALPN list")
-}
-
-/// One HTTP/1.1 request on an open connection of any kind: status, head and body. The response
-/// must carry a `Content-Length`.
-async fn h1_on<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut BufReader<S>,
-    request: &[u8],
-) -> (u16, H1Head, Vec<u8>) {
-    let exchange = async {
-        io.get_mut()
-            .write_all(request)
-            .await
-            .expect("write request");
-        let head = read_h1_head(io)
-            .await
-            .expect("read response head")
-            .expect("a response, not a closed connection");
-        let status = std::str::from_utf8(&head.start[1])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .expect("numeric status");
-        let Framing::Length(n) = head.framing() else {
-            panic!("expected a Content-Length response");
-        };
-        let mut body = vec![0; n];
-        io.read_exact(&mut body).await.expect("read response body");
-        (status, head, body)
-    };
-    tokio::time::timeout(CLIENT_TIMEOUT, exchange)
-        .await
-        .expect("response within the client timeout")
-}
-
-/// An HTTP/2 client connection whose driver task reports when (and how) the connection ended.
-struct H2Conn {
-    send: SendRequest<Bytes>,
-    ended: JoinHandle<(Instant, Result<(), String>)>,
-}
-
-async fn h2_conn<T>(io: T) -> H2Conn
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (send, connection) = tokio::time::timeout(CLIENT_TIMEOUT, h2::client::handshake(io))
-        .await
-        .expect("h2 handshake within the client timeout")
-        .expect("h2 handshake");
-    let ended = tokio::spawn(async move {
-        let result = connection.await.map_err(|e| e.to_string());
-        (Instant::now(), result)
-    });
-    H2Conn { send, ended }
-}
-
-async fn h2c_conn(addr: SocketAddr) -> H2Conn {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    tcp.set_nodelay(true).expect("nodelay");
-    h2_conn(tcp).await
-}
-
-async fn h2_tls_conn(addr: SocketAddr, certs: &TestCerts) -> H2Conn {
-    let tls = tls_connect(addr, &certs.ca_path, alpn(b"\x02h2"))
-        .await
-        .expect("TLS connect");
-    assert_eq!(tls.ssl().selected_alpn_protocol(), Some(&b"h2"[..]));
-    h2_conn(tls).await
-}
-
-/// What an HTTP/2 request got: a head (and perhaps an error after it), or only an error.
-#[derive(Debug)]
-struct H2Reply {
-    status: u16,
-    body: Vec<u8>,
-    /// The stream failed after the head arrived.
-    error: Option<String>,
-}
-
-/// A bodiless GET on `send`; `Err` when no response head arrived (stream reset, closed
-/// connection).
-async fn h2_get(
-    send: &SendRequest<Bytes>,
-    uri: &str,
-    headers: &[(&str, &str)],
-) -> Result<H2Reply, String> {
-    let mut req = http::Request::builder().method("GET").uri(uri);
-    for (n, v) in headers {
-        req = req.header(*n, *v);
-    }
-    let req = req.body(()).map_err(|e| e.to_string())?;
-    let exchange = async {
-        let mut send = send.clone().ready().await.map_err(|e| e.to_string())?;
-        let (response, _) = send.send_request(req, true).map_err(|e| e.to_string())?;
-        let (parts, mut body) = response.await.map_err(|e| e.to_string())?.into_parts();
-        let mut data = Vec::new();
-        let mut error = None;
-        while let Some(piece) = body.data().await {
-            match piece {
-                Ok(piece) => {
-                    let _ = body.flow_control().release_capacity(piece.len());
-                    data.extend_from_slice(&piece);
-                }
-                Err(e) => {
-                    error = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        Ok(H2Reply {
-            status: parts.status.as_u16(),
-            body: data,
-            error,
-        })
-    };
-    tokio::time::timeout(CLIENT_TIMEOUT, exchange)
-        .await
-        .map_err(|_| "no h2 response within the client timeout".to_string())?
-}
-
-/// `VmRSS` from a `/proc/PID/status` text, in KiB.
-fn vm_rss(status: &str) -> u64 {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("a VmRSS line")
-}
-
-/// Waits for the peer to close, reading and discarding what it sends first (an HTTP/2 server's
-/// SETTINGS): `Some(after)` with the time it took, `None` if it stayed open for `limit`.
-async fn wait_for_close<R: AsyncRead + Unpin>(io: &mut R, limit: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    let mut buf = [0u8; 1024];
-    let closed = async {
-        loop {
-            match io.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    };
-    tokio::time::timeout(limit, closed)
-        .await
-        .ok()
-        .map(|_| start.elapsed())
-}
 
 fn ok_mock() -> MockUpstream {
     MockUpstream::start(MockConfig::h1())
@@ -249,7 +41,6 @@ fn json_error_code(body: &[u8]) -> String {
 
 #[tokio::test]
 async fn curl_gets_http2_and_http11_from_a_tls_listener() {
-    let _g = shared().await;
     let certs = TestCerts::generate();
     let mock = ok_mock();
     let proxy = proxy(&mock.base_url("/api/v3"))
@@ -272,7 +63,6 @@ async fn curl_gets_http2_and_http11_from_a_tls_listener() {
 
 #[tokio::test]
 async fn tls12_and_tls13_are_accepted_and_older_versions_are_not() {
-    let _g = shared().await;
     let certs = TestCerts::generate();
     let mock = ok_mock();
     let proxy = proxy(&mock.base_url("/api/v3"))
@@ -320,28 +110,20 @@ async fn tls12_and_tls13_are_accepted_and_older_versions_are_not() {
 
 #[tokio::test]
 async fn tls_alpn_offers_h2_and_http11() {
-    let _g = shared().await;
     let certs = TestCerts::generate();
     let mock = ok_mock();
     let proxy = proxy(&mock.base_url("/api/v3"))
         .tls_listener(&certs)
         .start();
     let addr = proxy.tls_addr.expect("TLS listener");
-    let request = request_bytes("GET", "/models", &[], b"");
 
     let both = tls_connect(addr, &certs.ca_path, alpn(b"\x02h2\x08http/1.1"))
         .await
         .expect("TLS");
     assert_eq!(both.ssl().selected_alpn_protocol(), Some(&b"h2"[..]));
 
-    let h2_only = h2_tls_conn(addr, &certs).await;
-    let r = h2_get(
-        &h2_only.send,
-        &format!("https://localhost:{}/models", addr.port()),
-        &[],
-    )
-    .await
-    .expect("h2 response");
+    let h2_only = H2Client::connect_tls(addr, &certs).await;
+    let r = h2_only.try_get("/models", &[]).await.expect("h2 response");
     assert_eq!(r.status, 200);
 
     let h1_only = tls_connect(addr, &certs.ca_path, alpn(b"\x08http/1.1"))
@@ -351,21 +133,24 @@ async fn tls_alpn_offers_h2_and_http11() {
         h1_only.ssl().selected_alpn_protocol(),
         Some(&b"http/1.1"[..])
     );
-    let (status, _, body) = h1_on(&mut BufReader::new(h1_only), &request).await;
-    assert_eq!((status, &body[..]), (200, &br#"{"ok":true}"#[..]));
+    let r = H1Client::over_tls(h1_only)
+        .request("GET", "/models", &[], b"")
+        .await;
+    assert_eq!((r.status, &r.body[..]), (200, &br#"{"ok":true}"#[..]));
 
     // No ALPN at all (old clients, health checkers): HTTP/1.1.
     let none = tls_connect(addr, &certs.ca_path, |_| {})
         .await
         .expect("TLS");
     assert_eq!(none.ssl().selected_alpn_protocol(), None);
-    let (status, _, _) = h1_on(&mut BufReader::new(none), &request).await;
-    assert_eq!(status, 200);
+    let r = H1Client::over_tls(none)
+        .request("GET", "/models", &[], b"")
+        .await;
+    assert_eq!(r.status, 200);
 }
 
 #[tokio::test]
 async fn a_chained_certificate_file_is_served_whole() {
-    let _g = shared().await;
     let certs = TestCerts::generate();
     let dir = tempfile::tempdir().expect("temp dir");
     let chain = dir.path().join("fullchain.pem");
@@ -383,24 +168,19 @@ async fn a_chained_certificate_file_is_served_whole() {
         .expect("the chain verifies against the CA");
     let sent = tls.ssl().peer_cert_chain().map_or(0, |c| c.len());
     assert_eq!(sent, 2, "the proxy sends the leaf and the CA from the file");
-    let (status, _, _) = h1_on(
-        &mut BufReader::new(tls),
-        &request_bytes("GET", "/models", &[], b""),
-    )
-    .await;
-    assert_eq!(status, 200);
+    let r = H1Client::over_tls(tls)
+        .request("GET", "/models", &[], b"")
+        .await;
+    assert_eq!(r.status, 200);
     let out = curl(&["--http2", "--cacert", certs.ca(), &proxy.tls_url("/models")]).await;
     assert_eq!((out.status, out.http_version.as_str()), (200, "2"));
 }
 
+/// A config (checked, never run) with a TLS listener serving `cert` and `key`.
 fn tls_yaml(cert: &Path, key: &Path) -> String {
-    let path = |p: &Path| yaml_str(p.to_str().expect("UTF-8 path"));
-    format!(
-        "listen:\n  - {{addr: \"127.0.0.1:1\", tls: {{cert_path: {}, key_path: {}}}}}\n\
-         upstream: {{base_url: \"http://127.0.0.1:2/api/v3\"}}\nadmin: {{addr: ~}}\n",
-        path(cert),
-        path(key)
-    )
+    proxy("http://127.0.0.1:2/api/v3")
+        .tls_listener_files(cert, key)
+        .render(&Listeners::unbound(), &std::env::temp_dir())
 }
 
 /// What `build_server` says about this certificate and key (it must refuse them).
@@ -456,14 +236,12 @@ impl BadFiles {
 
 #[test]
 fn a_missing_certificate_or_key_is_a_startup_error_naming_the_file() {
-    let _g = shared_blocking();
     let f = BadFiles::new();
     f.assert_startup_errors_name(&f.missing(), "missing");
 }
 
 #[test]
 fn a_key_that_does_not_match_the_certificate_is_a_startup_error() {
-    let _g = shared_blocking();
     let f = BadFiles::new();
     let e = startup_error(&f.certs.cert_path, &f.other.key_path);
     assert!(e.contains("does not match"), "{e}");
@@ -475,14 +253,12 @@ fn a_key_that_does_not_match_the_certificate_is_a_startup_error() {
 
 #[test]
 fn a_certificate_that_is_not_pem_is_a_startup_error_naming_the_file() {
-    let _g = shared_blocking();
     let f = BadFiles::new();
     f.assert_startup_errors_name(&f.garbage(), "bad");
 }
 
 #[test]
 fn config_test_reports_a_bad_certificate_in_one_line_and_exits_64() {
-    let _g = shared_blocking();
     let f = BadFiles::new();
     let missing = f.missing();
     let cases = [
@@ -508,7 +284,6 @@ fn config_test_reports_a_bad_certificate_in_one_line_and_exits_64() {
 
 #[test]
 fn config_test_accepts_the_shipped_edge_config_once_its_certificates_exist() {
-    let _g = shared_blocking();
     let certs = TestCerts::generate();
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml");
     let text = std::fs::read_to_string(&shipped).expect("read conf/edge.yaml");
@@ -530,7 +305,6 @@ fn config_test_accepts_the_shipped_edge_config_once_its_certificates_exist() {
 
 #[tokio::test]
 async fn h2c_prior_knowledge_and_http11_share_a_plain_port() {
-    let _g = shared().await;
     let mock = ok_mock();
     let proxy = proxy(&mock.base_url("/api/v3")).h2c().start();
     let url = proxy.url("/models");
@@ -563,7 +337,6 @@ const SSE_EVENTS: usize = 5;
 
 #[tokio::test]
 async fn sse_arrives_event_by_event_over_tls_http2() {
-    let _g = shared().await;
     let events: Vec<(Duration, String)> = (0..SSE_EVENTS)
         .map(|i| {
             let gap = if i == 0 { ms(0) } else { ms(SSE_GAP_MS) };
@@ -734,7 +507,6 @@ impl ForwardingSetup {
 
 #[tokio::test]
 async fn client_forwarded_headers_are_replaced_unless_the_peer_is_trusted() {
-    let _g = shared().await;
     // No trusted proxies, and a list that does not contain 127.0.0.1.
     for section in [
         "",
@@ -759,7 +531,6 @@ async fn client_forwarded_headers_are_replaced_unless_the_peer_is_trusted() {
 
 #[tokio::test]
 async fn a_trusted_peers_forwarded_headers_are_kept_and_appended_to() {
-    let _g = shared().await;
     let f = ForwardingSetup::start("forwarded: {trusted_proxies: [\"127.0.0.0/8\"]}\n");
     let chain = "1.2.3.4, 127.0.0.1";
     let spoofed = (chain, "1.2.3.4", "https");
@@ -780,7 +551,6 @@ async fn a_trusted_peers_forwarded_headers_are_kept_and_appended_to() {
 /// sends the chain on two lines (as some do) must not lose the second.
 #[tokio::test]
 async fn a_trusted_peers_forwarded_for_on_several_lines_is_kept_whole() {
-    let _g = shared().await;
     let mock = ok_mock();
     let proxy = proxy(&mock.base_url("/api/v3"))
         .yaml("forwarded: {trusted_proxies: [\"127.0.0.0/8\"]}\n")
@@ -803,7 +573,6 @@ async fn a_trusted_peers_forwarded_for_on_several_lines_is_kept_whole() {
 
 #[tokio::test]
 async fn via_names_arkgate_by_default_and_can_be_switched_off() {
-    let _g = shared().await;
     let mock = MockUpstream::start(MockConfig::h1().reply(|r| {
         if r.target_str().ends_with("/proxied") {
             Reply::full(200, &[("via", "1.1 upstream-lb")], "{}")
@@ -862,7 +631,6 @@ fn as_refs(h: &[(String, String)]) -> Vec<(&str, &str)> {
 
 #[tokio::test]
 async fn too_many_header_fields_get_431_over_http11() {
-    let _g = shared().await;
     let mock = ok_mock();
     let proxy = proxy(&mock.base_url("/api/v3")).yaml(LIMITS).start();
     // Host plus 9: at the limit.
@@ -887,7 +655,6 @@ async fn too_many_header_fields_get_431_over_http11() {
 
 #[tokio::test]
 async fn an_oversized_header_section_gets_431_over_http11() {
-    let _g = shared().await;
     let mock = ok_mock();
     let proxy = proxy(&mock.base_url("/api/v3")).yaml(LIMITS).start();
     let fits = "a".repeat(1500);
@@ -912,15 +679,15 @@ async fn an_oversized_header_section_gets_431_over_http11() {
 
 #[tokio::test]
 async fn oversized_header_lists_over_http2_are_refused_and_the_connection_stays_usable() {
-    let _g = shared().await;
     let mock = ok_mock();
     let proxy = proxy(&mock.base_url("/api/v3")).h2c().yaml(LIMITS).start();
-    let conn = h2c_conn(proxy.addr).await;
-    let uri = proxy.url("/models");
+    let conn = H2Client::connect(proxy.addr).await;
+    let uri = "/models";
 
     // Too many fields, small in bytes: the proxy's own check answers with the JSON error.
     let over = fields(12);
-    let r = h2_get(&conn.send, &uri, &as_refs(&over))
+    let r = conn
+        .try_get(uri, &as_refs(&over))
         .await
         .expect("a response");
     assert_eq!(r.status, 431);
@@ -929,7 +696,8 @@ async fn oversized_header_lists_over_http2_are_refused_and_the_connection_stays_
     // Over max_header_bytes but inside HTTP/2's header-list cap (bytes + 32 per field): the
     // proxy's check again.
     let medium = "m".repeat(2060);
-    let r = h2_get(&conn.send, &uri, &[("x-big", &medium)])
+    let r = conn
+        .try_get(uri, &[("x-big", &medium)])
         .await
         .expect("a response");
     assert_eq!(r.status, 431);
@@ -939,31 +707,31 @@ async fn oversized_header_lists_over_http2_are_refused_and_the_connection_stays_
     // crate's abuse margin (4× the cap): the HTTP/2 layer refuses the stream itself, before the
     // proxy sees it (a bare 431, then a reset); the connection stays.
     let over = "o".repeat(4000);
-    let refused = h2_get(&conn.send, &uri, &[("x-over", &over)]).await;
+    let refused = conn.try_get(uri, &[("x-over", &over)]).await;
     match &refused {
         Ok(r) => assert_eq!(r.status, 431, "{r:?}"),
         Err(e) => assert!(!e.is_empty(), "the stream was reset: {e}"),
     }
     assert_eq!(mock.request_count(), 0, "no refused request went upstream");
-    let r = h2_get(&conn.send, &uri, &[]).await.expect("a response");
+    let r = conn.try_get(uri, &[]).await.expect("a response");
     assert_eq!(r.status, 200, "{r:?}");
-    assert!(!conn.ended.is_finished(), "the connection was closed");
+    assert!(!conn.is_closed(), "the connection was closed");
 
     // Far over (more than 4× the cap): h2 takes it for abuse and ends the whole connection with
     // GOAWAY(ENHANCE_YOUR_CALM). New connections, and the process, are unaffected.
     let huge = "h".repeat(20_000);
-    let abuse = h2_get(&conn.send, &uri, &[("x-huge", &huge)]).await;
+    let abuse = conn.try_get(uri, &[("x-huge", &huge)]).await;
     let err = abuse.as_ref().expect_err("the connection is refused");
     assert!(
         err.contains("excessive load") || err.contains("ENHANCE_YOUR_CALM"),
         "{err}"
     );
-    let (_, ended) = tokio::time::timeout(Duration::from_secs(2), conn.ended)
+    let (_, ended) = conn
+        .closed_within(Duration::from_secs(2))
         .await
-        .expect("the connection ended")
-        .expect("driver task");
-    let fresh = h2c_conn(proxy.addr).await;
-    let r = h2_get(&fresh.send, &uri, &[]).await.expect("a response");
+        .expect("the connection ended");
+    let fresh = H2Client::connect(proxy.addr).await;
+    let r = fresh.try_get(uri, &[]).await.expect("a response");
     assert_eq!(r.status, 200);
     let r = h1(proxy.addr, "GET", "/models", &[], b"").await;
     assert_eq!(r.status, 200);
@@ -983,24 +751,22 @@ async fn oversized_header_lists_over_http2_are_refused_and_the_connection_stays_
 
 #[tokio::test]
 async fn an_idle_keepalive_connection_is_closed_after_the_keepalive_timeout() {
-    let _g = shared().await;
     let mock = ok_mock();
     let proxy = proxy(&mock.base_url("/api/v3"))
         .yaml("downstream: {keepalive_timeout_s: 1}\n")
         .start();
-    let tcp = TcpStream::connect(proxy.addr).await.expect("connect");
-    let mut io = BufReader::new(tcp);
-    let request = request_bytes("GET", "/models", &[], b"");
+    let mut client = H1Client::connect(proxy.addr).await;
 
     // Two requests 500 ms apart: the connection is kept between them.
-    let (status, head, _) = h1_on(&mut io, &request).await;
-    assert_eq!(status, 200);
-    assert!(!head.has_token("connection", "close"));
+    let r = client.request("GET", "/models", &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert!(!r.closes());
     tokio::time::sleep(ms(500)).await;
-    let (status, _, _) = h1_on(&mut io, &request).await;
-    assert_eq!(status, 200);
+    let r = client.request("GET", "/models", &[], b"").await;
+    assert_eq!(r.status, 200);
 
-    let closed = wait_for_close(&mut io, Duration::from_secs(4))
+    let closed = client
+        .wait_for_close(Duration::from_secs(4))
         .await
         .expect("the proxy closed the idle connection");
     assert!(
@@ -1036,7 +802,6 @@ async fn silent_connections_closed_after(
 /// `downstream.client_timeout_ms` (here 1 s), plain or TLS, not held for Pingora's built-in 60 s.
 #[tokio::test]
 async fn a_silent_http11_connection_is_closed_after_the_client_timeout() {
-    let _g = shared().await;
     let certs = TestCerts::generate();
     let mock = ok_mock();
     let proxy = proxy(&mock.base_url("/api/v3"))
@@ -1059,7 +824,6 @@ async fn a_silent_http11_connection_is_closed_after_the_client_timeout() {
 /// endless, or idle clients hold sockets and memory without bound.
 #[tokio::test]
 async fn a_client_that_never_starts_http2_is_closed() {
-    let _g = shared().await;
     let certs = TestCerts::generate();
     let mock = ok_mock();
     let proxy = proxy(&mock.base_url("/api/v3"))
@@ -1084,7 +848,6 @@ async fn a_client_that_never_starts_http2_is_closed() {
 /// checkers send) must still be answered, as it is on a plain listener.
 #[tokio::test]
 async fn a_short_http10_request_is_answered_on_an_h2c_listener() {
-    let _g = shared().await;
     let mock = ok_mock();
     let plain = proxy(&mock.base_url("/api/v3")).start();
     let h2c = proxy(&mock.base_url("/api/v3")).h2c().start();
@@ -1115,7 +878,6 @@ async fn a_short_http10_request_is_answered_on_an_h2c_listener() {
 
 #[tokio::test]
 async fn an_idle_tls_http2_connection_is_closed_after_the_idle_timeout() {
-    let _g = shared().await;
     let certs = TestCerts::generate();
     let mock = ok_mock();
     let proxy = proxy(&mock.base_url("/api/v3"))
@@ -1123,15 +885,14 @@ async fn an_idle_tls_http2_connection_is_closed_after_the_idle_timeout() {
         .yaml("downstream: {h2_idle_timeout_s: 1}\n")
         .start();
     let addr = proxy.tls_addr.expect("TLS listener");
-    let conn = h2_tls_conn(addr, &certs).await;
-    let uri = format!("https://localhost:{}/models", addr.port());
-    let r = h2_get(&conn.send, &uri, &[]).await.expect("a response");
+    let conn = H2Client::connect_tls(addr, &certs).await;
+    let r = conn.try_get("/models", &[]).await.expect("a response");
     assert_eq!(r.status, 200);
     let done = Instant::now();
-    let (closed_at, _) = tokio::time::timeout(Duration::from_secs(4), conn.ended)
+    let (closed_at, _) = conn
+        .closed_within(Duration::from_secs(4))
         .await
-        .expect("the proxy closed the idle connection within 4 s")
-        .expect("driver task");
+        .expect("the proxy closed the idle connection within 4 s");
     let idle = closed_at - done;
     assert!(
         idle >= ms(900) && idle <= Duration::from_secs(3),
@@ -1139,33 +900,40 @@ async fn an_idle_tls_http2_connection_is_closed_after_the_idle_timeout() {
     );
 }
 
-/// `h2_idle_timeout_s: 0` must either be refused at start-up or mean "no idle timeout"; it must
-/// not close every HTTP/2 connection the moment it has no stream.
-#[tokio::test]
-async fn a_zero_h2_idle_timeout_does_not_close_connections_at_once() {
-    let _g = shared().await;
-    let mock = ok_mock();
-    let section = "downstream: {h2_idle_timeout_s: 0}\n";
-    let base = mock.base_url("/api/v3");
-    let yaml = format!("listen: [{{addr: \"127.0.0.1:1\", h2c: true}}]\n{section}");
-    if let Err(e) = arkgate::Config::from_yaml(&yaml) {
-        assert!(e.to_string().contains("h2_idle_timeout_s"), "{e}");
-        return;
-    }
-    let proxy = proxy(&base).h2c().yaml(section).start();
-    let conn = h2c_conn(proxy.addr).await;
-    // A client that takes a moment before its first request (or between two).
-    tokio::time::sleep(ms(200)).await;
-    let r = h2_get(&conn.send, &proxy.url("/models"), &[]).await;
+/// `h2_idle_timeout_s: 0` would close every HTTP/2 connection the moment it has no stream, so
+/// it is refused before anything starts: by `Config::from_yaml`, and by `arkgate -t` in one
+/// line naming the key, with exit status 64. One second is the least it accepts.
+#[test]
+fn a_zero_h2_idle_timeout_is_refused_at_startup_naming_the_key() {
+    let config = |seconds: u64| {
+        proxy("http://127.0.0.1:2/api/v3")
+            .h2c()
+            .yaml(&format!("downstream: {{h2_idle_timeout_s: {seconds}}}\n"))
+            .render(&Listeners::unbound(), &std::env::temp_dir())
+    };
+    let e = arkgate::Config::from_yaml(&config(0)).expect_err("h2_idle_timeout_s: 0 is refused");
+    let message = e.to_string();
     assert!(
-        matches!(&r, Ok(r) if r.status == 200),
-        "h2_idle_timeout_s: 0 was accepted, and a request 200 ms after the handshake got {r:?}"
+        message.contains("downstream.h2_idle_timeout_s") && message.contains("at least 1"),
+        "{message}"
+    );
+    assert!(
+        arkgate::Config::from_yaml(&config(1)).is_ok(),
+        "1 s is accepted"
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("zero.yaml");
+    std::fs::write(&path, config(0)).expect("write config");
+    let line = config_test_rejection(&path, "h2_idle_timeout_s: 0");
+    assert!(
+        line.starts_with("invalid configuration:") && line.contains("downstream.h2_idle_timeout_s"),
+        "{line}"
     );
 }
 
 #[tokio::test]
 async fn h2_max_concurrent_streams_is_what_the_server_advertises() {
-    let _g = shared().await;
     let certs = TestCerts::generate();
     let mock = ok_mock();
     let proxy = proxy(&mock.base_url("/api/v3"))
@@ -1174,61 +942,13 @@ async fn h2_max_concurrent_streams_is_what_the_server_advertises() {
         .yaml("downstream: {h2_max_concurrent_streams: 7}\n")
         .start();
     let addr = proxy.tls_addr.expect("TLS listener");
-    for (conn, uri) in [
-        (h2c_conn(proxy.addr).await, proxy.url("/models")),
-        (
-            h2_tls_conn(addr, &certs).await,
-            format!("https://localhost:{}/models", addr.port()),
-        ),
+    for (conn, listener) in [
+        (H2Client::connect(proxy.addr).await, "h2c"),
+        (H2Client::connect_tls(addr, &certs).await, "TLS"),
     ] {
-        let r = h2_get(&conn.send, &uri, &[]).await.expect("a response");
+        let r = conn.try_get("/models", &[]).await.expect("a response");
         assert_eq!(r.status, 200);
-        assert_eq!(conn.send.current_max_send_streams(), 7, "{uri}");
-    }
-}
-
-/// The real `arkgate` binary in its own process (so its memory is its own), killed on drop.
-struct ProxyProcess {
-    addr: SocketAddr,
-    process: ArkgateProcess,
-    _dir: ScratchDir,
-}
-
-impl ProxyProcess {
-    /// Starts `arkgate -c FILE` on a free port with `h2c: true` and `extra` YAML appended.
-    fn start(upstream_base_url: &str, extra: &str) -> ProxyProcess {
-        let dir = ScratchDir::new("idle");
-        let addr = common::proxy::free_addr();
-        let yaml = format!(
-            "listen: [{{addr: \"{addr}\", h2c: true}}]\n\
-             upstream: {{base_url: {}, connect_timeout_ms: 1000}}\n\
-             admin: {{addr: ~}}\n\
-             logging: {{sample_rate: 0}}\n{}{extra}",
-            yaml_str(upstream_base_url),
-            dir.server_yaml(0, 0),
-        );
-        let conf = dir.write("arkgate.yaml", &yaml);
-        let mut process = ArkgateProcess::spawn_quiet(&dir, "arkgate", &["-c", path_str(&conf)]);
-        process.wait_listening(addr);
-        ProxyProcess {
-            addr,
-            process,
-            _dir: dir,
-        }
-    }
-
-    /// The process's resident set size, in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.id()))
-            .expect("read /proc/PID/status");
-        vm_rss(&status)
-    }
-
-    /// How many file descriptors the process holds.
-    fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.process.id()))
-            .expect("read /proc/PID/fd")
-            .count()
+        assert_eq!(conn.max_send_streams(), 7, "{listener}");
     }
 }
 
@@ -1236,11 +956,10 @@ impl ProxyProcess {
 /// Returns how long each stayed open after its response, once all have been closed by the
 /// proxy, and calls `at_peak` while all are open.
 async fn idle_h2_round(addr: SocketAddr, n: usize, at_peak: impl FnOnce()) -> Vec<Duration> {
-    let uri = format!("http://{addr}/models");
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
-        let c = h2c_conn(addr).await;
-        let r = h2_get(&c.send, &uri, &[]).await;
+        let c = H2Client::connect(addr).await;
+        let r = c.try_get("/models", &[]).await;
         assert!(
             matches!(&r, Ok(r) if r.status == 200),
             "connection {i}: {r:?}"
@@ -1250,16 +969,14 @@ async fn idle_h2_round(addr: SocketAddr, n: usize, at_peak: impl FnOnce()) -> Ve
     at_peak();
     let opened = Instant::now();
     let mut idle = Vec::with_capacity(n);
-    let mut senders = Vec::with_capacity(n);
-    for (i, (done, c)) in conns.into_iter().enumerate() {
-        // Keep the sender: this client never closes on its own; only the proxy can.
-        senders.push(c.send);
+    // Keep every client: it never closes on its own; only the proxy can.
+    for (i, (done, c)) in conns.iter().enumerate() {
         let left = (opened + Duration::from_secs(5)).saturating_duration_since(Instant::now());
-        let (closed_at, _) = tokio::time::timeout(left, c.ended)
+        let (closed_at, _) = c
+            .closed_within(left)
             .await
-            .unwrap_or_else(|_| panic!("connection {i} still open 5 s after the last was opened"))
-            .expect("driver task");
-        idle.push(closed_at - done);
+            .unwrap_or_else(|| panic!("connection {i} still open 5 s after the last was opened"));
+        idle.push(closed_at - *done);
     }
     idle
 }
@@ -1275,22 +992,23 @@ async fn many_idle_http2_connections_are_closed_and_memory_returns_near_baseline
     const CONNECTIONS: usize = 200;
     const TOLERANCE_KIB: u64 = 20 * 1024;
     // The proxy is its own process: other tests may run beside this one.
-    let _g = shared().await;
     let mock = ok_mock();
-    let proxy = ProxyProcess::start(
-        &mock.base_url("/api/v3"),
-        "downstream: {h2_idle_timeout_s: 1}\n",
-    );
+    // The real binary in its own process, so its memory is its own.
+    let config = proxy(&mock.base_url("/api/v3"))
+        .h2c()
+        .yaml("logging: {sample_rate: 0}\n")
+        .yaml("downstream: {h2_idle_timeout_s: 1}\n");
+    let proxy = ProxyProcess::start_quiet(&config, "idle");
 
     // Warm up (runtimes, pools, the upstream connection) before the baseline.
-    let _ = idle_h2_round(proxy.addr, 20, || {}).await;
+    let _ = idle_h2_round(proxy.addr(), 20, || {}).await;
     tokio::time::sleep(ms(200)).await;
     let (baseline, baseline_fds) = (proxy.rss_kib(), proxy.open_fds());
     let mut report = format!("arkgate RSS before {baseline} KiB ({baseline_fds} fds)");
     let mut afters = Vec::new();
     for round in 1..=2 {
         let mut peak = (0, 0);
-        let idle = idle_h2_round(proxy.addr, CONNECTIONS, || {
+        let idle = idle_h2_round(proxy.addr(), CONNECTIONS, || {
             peak = (proxy.rss_kib(), proxy.open_fds())
         })
         .await;
@@ -1328,116 +1046,4 @@ async fn many_idle_http2_connections_are_closed_and_memory_returns_near_baseline
         second * 10 <= first * 6,
         "the second round added {second} KiB after the first added {first} KiB: {report}"
     );
-}
-
-// ---------------------------------------------------------------------------------------------
-// Figures for the closing note (printed, not asserted)
-// ---------------------------------------------------------------------------------------------
-
-/// Sequential requests on one keep-alive connection: plain HTTP/1.1, TLS HTTP/1.1, TLS h2; then
-/// fresh TLS handshakes, and fresh plain connections with one request each. Run with `--nocapture` to see the figures.
-#[tokio::test]
-async fn tls_and_plain_throughput_figures_are_printed() {
-    const REQUESTS: usize = 2000;
-    const HANDSHAKES: usize = 300;
-    let _g = alone().await;
-    let certs = TestCerts::generate();
-    let mock = ok_mock();
-    let proxy = proxy(&mock.base_url("/api/v3"))
-        .tls_listener(&certs)
-        .start();
-    let tls_addr = proxy.tls_addr.expect("TLS listener");
-    let request = request_bytes("GET", "/models", &[], b"");
-    let per_second = |n: usize, t: Duration| n as f64 / t.as_secs_f64();
-    let mut lines = Vec::new();
-
-    async fn h1_run<S: AsyncRead + AsyncWrite + Unpin>(
-        io: &mut BufReader<S>,
-        request: &[u8],
-        n: usize,
-    ) -> Duration {
-        for _ in 0..50 {
-            assert_eq!(h1_on(io, request).await.0, 200);
-        }
-        let start = Instant::now();
-        for _ in 0..n {
-            assert_eq!(h1_on(io, request).await.0, 200);
-        }
-        start.elapsed()
-    }
-
-    async fn h2_run(conn: &H2Conn, uri: &str, n: usize) -> Duration {
-        for _ in 0..50 {
-            assert_eq!(h2_get(&conn.send, uri, &[]).await.expect("h2").status, 200);
-        }
-        let start = Instant::now();
-        for _ in 0..n {
-            assert_eq!(h2_get(&conn.send, uri, &[]).await.expect("h2").status, 200);
-        }
-        start.elapsed()
-    }
-
-    let tcp = TcpStream::connect(proxy.addr).await.expect("connect");
-    tcp.set_nodelay(true).expect("nodelay");
-    let t = h1_run(&mut BufReader::new(tcp), &request, REQUESTS).await;
-    lines.push(format!(
-        "plain HTTP/1.1 keep-alive: {:.0} req/s",
-        per_second(REQUESTS, t)
-    ));
-
-    let tls = tls_connect(tls_addr, &certs.ca_path, alpn(b"\x08http/1.1"))
-        .await
-        .expect("TLS");
-    let version = tls.ssl().version_str();
-    let t = h1_run(&mut BufReader::new(tls), &request, REQUESTS).await;
-    lines.push(format!(
-        "{version} HTTP/1.1 keep-alive: {:.0} req/s",
-        per_second(REQUESTS, t)
-    ));
-
-    let conn = h2_tls_conn(tls_addr, &certs).await;
-    let uri = format!("https://localhost:{}/models", tls_addr.port());
-    let t = h2_run(&conn, &uri, REQUESTS).await;
-    lines.push(format!(
-        "{version} h2, one stream at a time: {:.0} req/s",
-        per_second(REQUESTS, t)
-    ));
-
-    let client = tls_client(&certs.ca_path, alpn(b"\x08http/1.1"));
-    let start = Instant::now();
-    for _ in 0..HANDSHAKES {
-        let tls = tls_handshake(tls_addr, &client).await.expect("TLS");
-        drop(tls);
-    }
-    let t = start.elapsed();
-    lines.push(format!(
-        "fresh {version} handshakes (P-256 certificate, no resumption): {:.0} handshakes/s",
-        per_second(HANDSHAKES, t)
-    ));
-
-    let start = Instant::now();
-    for _ in 0..HANDSHAKES {
-        let tcp = TcpStream::connect(proxy.addr).await.expect("connect");
-        tcp.set_nodelay(true).expect("nodelay");
-        assert_eq!(h1_on(&mut BufReader::new(tcp), &request).await.0, 200);
-    }
-    let t = start.elapsed();
-    lines.push(format!(
-        "fresh plain connection + one request each: {:.0} conn/s",
-        per_second(HANDSHAKES, t)
-    ));
-
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    println!(
-        "edge throughput ({profile} build, proxy with 2 threads, in-process mock upstream over \
-         plain HTTP/1.1, {REQUESTS} sequential requests per connection):"
-    );
-    for l in lines {
-        println!("  {l}");
-    }
-    assert!(mock.request_count() >= 3 * REQUESTS);
 }

@@ -275,25 +275,25 @@ fn payload(n: usize) -> Vec<u8> {
 // 1. Upstream down
 // ---------------------------------------------------------------------------------------------
 
-/// A proxy allowed `max_retries` in front of an address where nothing listens (yet).
-fn proxy_to_nothing(max_retries: &str) -> (Proxy, SocketAddr) {
-    let dead = dead_addr();
-    let proxy = fast_proxy(&format!("http://{dead}/api/v3"))
+/// A proxy allowed `max_retries` in front of an upstream that is down (for now).
+fn proxy_to_nothing(max_retries: &str) -> (Proxy, DeadUpstream) {
+    let dead = DeadUpstream::new();
+    let proxy = fast_proxy(&dead.base_url("/api/v3"))
         .upstream("max_retries", max_retries)
         .start();
     (proxy, dead)
 }
 
-/// A request while nothing listens at `dead`: a 502 `upstream_connect_failed`.
-async fn assert_connect_failed(proxy: &Proxy, dead: SocketAddr) {
+/// A request while the upstream is down: a 502 `upstream_connect_failed`.
+async fn assert_connect_failed(proxy: &Proxy, dead: &DeadUpstream) {
     let r = post_json(proxy.addr, "/chat/completions", BODY).await;
-    assert_error(&r, 502, "upstream_connect_failed", Some(dead));
+    assert_error(&r, 502, "upstream_connect_failed", Some(dead.addr()));
 }
 
-/// The upstream comes back at `dead`: the same proxy serves at once, and the request reaches
+/// The upstream comes back on its port: the same proxy serves at once, and the request reaches
 /// the upstream once.
-async fn assert_serves_once_the_upstream_is_back(proxy: &Proxy, dead: SocketAddr) {
-    let mock = MockUpstream::start_at(echo_config(), dead);
+async fn assert_serves_once_the_upstream_is_back(proxy: &Proxy, dead: DeadUpstream) {
+    let mock = dead.revive(echo_config());
     assert_serves_next(proxy).await;
     assert_eq!(mock.request_count(), 1);
 }
@@ -305,7 +305,7 @@ async fn upstream_down_is_502_after_one_attempt_plus_max_retries() {
 
     let before = Counters::now();
     let started = Instant::now();
-    assert_connect_failed(&proxy, dead).await;
+    assert_connect_failed(&proxy, &dead).await;
     before
         .assert_moved(Counters {
             connect_failures: 4,
@@ -326,7 +326,7 @@ async fn upstream_down_with_no_retries_is_one_attempt_and_not_exhaustion() {
     let (proxy, dead) = proxy_to_nothing("0");
 
     let before = Counters::now();
-    assert_connect_failed(&proxy, dead).await;
+    assert_connect_failed(&proxy, &dead).await;
     before
         .assert_moved(Counters {
             connect_failures: 1,
@@ -346,7 +346,7 @@ async fn the_largest_max_retries_is_honoured_in_full() {
     let (proxy, dead) = proxy_to_nothing("16");
 
     let before = Counters::now();
-    assert_connect_failed(&proxy, dead).await;
+    assert_connect_failed(&proxy, &dead).await;
     before
         .assert_moved(Counters {
             connect_failures: 17,
@@ -374,7 +374,7 @@ async fn a_refused_connect_is_retried_and_the_post_arrives_exactly_once() {
         .await,
         "two connects were refused"
     );
-    let mock = MockUpstream::start_at(echo_config(), dead);
+    let mock = dead.revive(echo_config());
 
     let r = request.await.expect("client task");
     assert_eq!(r.status, 200, "{r:?}");
@@ -1268,8 +1268,7 @@ async fn a_thousand_concurrent_connections_with_faults_mixed_in() {
     socket
         .bind("127.0.0.1:0".parse().expect("addr"))
         .expect("bind");
-    let listener = socket.listen(4096).expect("listen");
-    let mock = MockUpstream::start_on(
+    let mock = MockUpstream::start_on_socket(
         MockConfig::h1().reply(|r| {
             let target = r.target_str();
             if target.contains("/never/") {
@@ -1294,7 +1293,8 @@ async fn a_thousand_concurrent_connections_with_faults_mixed_in() {
                 Reply::Echo
             }
         }),
-        listener.into_std().expect("std listener"),
+        socket,
+        4096,
     );
     let proxy = proxy(&mock.base_url("/api/v3"))
         .upstream("connect_timeout_ms", "3000")

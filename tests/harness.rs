@@ -217,6 +217,6 @@ async fn tls_mock_negotiates_the_protocol_by_alpn_with_a_certificate_the_test_ca
 
 #[tokio::test]
 async fn a_dead_address_refuses_connections() {
-    let addr = dead_addr();
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    let dead = DeadUpstream::new();
+    assert!(tokio::net::TcpStream::connect(dead.addr()).await.is_err());
 }

@@ -13,9 +13,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::process::{
-    assert_config_test_accepts, chunk, config_test_rejection, free_addr, json_response, path_str,
-    post, request, ArkgateProcess, Client, ScratchDir, Script, ScriptedUpstream, UpstreamRequest,
-    LAST_CHUNK,
+    assert_config_test_accepts, config_test_rejection, ProxyProcess, ScratchDir,
+};
+use common::{
+    json_post_bytes as post, ms, proxy, request_bytes, BlockingClient as Client, MockConfig,
+    MockUpstream, RecordedRequest, Reply,
 };
 
 /// Every credential the access-log test sends carries this marker.
@@ -33,7 +35,7 @@ fn metrics_counters_move_after_a_short_load() {
     const CLIENTS: usize = 3;
     const PER_CLIENT: usize = 10;
     let gateway = Gateway::start("metrics", "{sample_rate: 0}");
-    let (listen, admin) = (gateway.listen, gateway.admin);
+    let (listen, admin) = (gateway.proxy.addr(), gateway.proxy.admin());
 
     let before = scrape(admin);
     assert_eq!(before["arkgate_requests_total{class=\"2xx\"}"], 0.0);
@@ -130,7 +132,7 @@ fn metrics_counters_move_after_a_short_load() {
 fn metrics_count_bytes_rewritten() {
     let gateway = Gateway::start("rewritten", "{sample_rate: 0}");
     let body = r#"{"model":"m","response_format":{"type":"json_schema"}}"#;
-    let r = Client::new(gateway.listen)
+    let r = Client::new(gateway.proxy.addr())
         .send(&post("/v1/chat/completions", body))
         .expect("request through arkgate");
     assert_eq!(r.status, 200);
@@ -138,7 +140,7 @@ fn metrics_count_bytes_rewritten() {
     let mut rewritten = 0.0;
     let deadline = Instant::now() + Duration::from_secs(5);
     while rewritten < 22.0 && Instant::now() < deadline {
-        rewritten = scrape(gateway.admin)["arkgate_bytes_rewritten_total"];
+        rewritten = scrape(gateway.proxy.admin())["arkgate_bytes_rewritten_total"];
         thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(rewritten, 22.0);
@@ -150,7 +152,7 @@ fn metrics_count_bytes_rewritten() {
 
 /// A request carrying a credential in every place a client may put one.
 fn request_with_secrets() -> Vec<u8> {
-    request(
+    request_bytes(
         "POST",
         &format!("/v1/chat/completions?api_key={SECRET}&user=1"),
         &[
@@ -158,20 +160,21 @@ fn request_with_secrets() -> Vec<u8> {
             ("Cookie", &format!("session={SECRET}")),
             ("X-Api-Key", SECRET),
             ("api-key", SECRET),
+            ("Content-Type", "application/json"),
         ],
-        &format!(r#"{{"model":"m","user":"{SECRET}-in-body","messages":[]}}"#),
+        format!(r#"{{"model":"m","user":"{SECRET}-in-body","messages":[]}}"#).as_bytes(),
     )
 }
 
 #[test]
 fn access_log_has_one_line_per_request_and_no_credentials() {
-    let mut gateway = Gateway::start("accesslog", "{sample_rate: 1}");
+    let gateway = Gateway::start("accesslog", "{sample_rate: 1}");
 
-    let ok = Client::new(gateway.listen)
+    let ok = Client::new(gateway.proxy.addr())
         .send(&request_with_secrets())
         .expect("request through arkgate");
     assert_eq!(ok.status, 200, "{}", ok.text());
-    let lines = gateway.wait_for_access_lines(1);
+    let lines = gateway.proxy.wait_for_log_lines(ACCESS_TARGET, 1);
     let line = &lines[0];
     for part in [
         "POST /v1/chat/completions",
@@ -199,15 +202,15 @@ fn access_log_has_one_line_per_request_and_no_credentials() {
     assert_eq!(field("out=") as usize, ok.body.len(), "{line}");
 
     // An error is logged too (upstream down → 502), also without credentials.
-    gateway.upstream.stop();
-    let failed = Client::new(gateway.listen)
+    gateway.upstream.kill();
+    let failed = Client::new(gateway.proxy.addr())
         .send(&request_with_secrets())
         .expect("arkgate answers even with the upstream down");
     assert_eq!(failed.status, 502, "{}", failed.text());
-    let lines = gateway.wait_for_access_lines(2);
+    let lines = gateway.proxy.wait_for_log_lines(ACCESS_TARGET, 2);
     assert!(lines[1].contains("status=502"), "{}", lines[1]);
 
-    let log = gateway.process.log();
+    let log = gateway.proxy.log();
     assert!(
         !log.contains(SECRET),
         "a credential reached the log:\n{}",
@@ -226,11 +229,11 @@ fn bodies_are_logged_only_when_asked_and_then_truncated() {
     );
 
     let body = r#"{"model":"m","messages":[{"role":"user","content":"a long question"}]}"#;
-    let ok = Client::new(gateway.listen)
+    let ok = Client::new(gateway.proxy.addr())
         .send(&post("/v1/chat/completions", body))
         .expect("request through arkgate");
     assert_eq!(ok.status, 200, "{}", ok.text());
-    let lines = gateway.wait_for_access_lines(1);
+    let lines = gateway.proxy.wait_for_log_lines(ACCESS_TARGET, 1);
     let line = &lines[0];
     // The first 24 bytes of the request body, quoted and escaped, and no more of it.
     assert!(
@@ -243,11 +246,11 @@ fn bodies_are_logged_only_when_asked_and_then_truncated() {
 
 #[test]
 fn unsampled_successes_are_not_logged_but_errors_are() {
-    let mut gateway = Gateway::start("sample0", "{sample_rate: 0}");
+    let gateway = Gateway::start("sample0", "{sample_rate: 0}");
 
     // One keep-alive connection: each request's logging hook has run before the next request
     // is read, so once the last request's line is there, any earlier line would be too.
-    let mut client = Client::new(gateway.listen);
+    let mut client = Client::new(gateway.proxy.addr());
     let body = r#"{"model":"m","messages":[]}"#;
     for _ in 0..5 {
         let r = client
@@ -256,13 +259,13 @@ fn unsampled_successes_are_not_logged_but_errors_are() {
         assert_eq!(r.status, 200);
         assert!(!r.closes());
     }
-    gateway.upstream.stop();
+    gateway.upstream.kill();
     let failed = client
         .send(&post("/v1/chat/completions", body))
         .expect("arkgate answers even with the upstream down");
     assert_eq!(failed.status, 502, "{}", failed.text());
 
-    let lines = gateway.wait_for_access_lines(1);
+    let lines = gateway.proxy.wait_for_log_lines(ACCESS_TARGET, 1);
     assert_eq!(
         lines.len(),
         1,
@@ -326,105 +329,47 @@ fn config_test_accepts_the_shipped_configs() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Harness: arkgate in front of a scripted upstream, /metrics
+// Harness: arkgate in front of a mock upstream, /metrics
 // ---------------------------------------------------------------------------------------------
 
 /// What the upstream answers on any path but `…/sse`: JSON that mentions `json_schema`.
 const CHAT_ANSWER: &str = r#"{"object":"chat.completion","choices":[{"message":{"role":"assistant","content":"{\"format\":\"json_schema\"}"}}]}"#;
 
 /// A running `arkgate` on free ports, in front of its own upstream. Drops in field order: the
-/// process first, then the upstream, then the directory.
+/// process first, then the upstream.
 struct Gateway {
-    listen: SocketAddr,
-    admin: SocketAddr,
-    process: ArkgateProcess,
-    upstream: ScriptedUpstream,
-    _dir: ScratchDir,
+    proxy: ProxyProcess,
+    upstream: MockUpstream,
 }
 
 impl Gateway {
     /// Starts arkgate with `logging` (a YAML mapping) and waits until both listeners accept.
     fn start(tag: &str, logging: &str) -> Gateway {
-        let dir = ScratchDir::new(tag);
-        let upstream = ScriptedUpstream::start(answer);
-        let (listen, admin) = (free_addr(), free_addr());
-        let cfg = dir.write(
-            "arkgate.yaml",
-            &config(listen, admin, upstream.addr, &dir, logging),
-        );
-        let mut process = ArkgateProcess::spawn(&dir, "arkgate", &["-c", path_str(&cfg)]);
-        process.wait_listening(listen);
-        process.wait_listening(admin);
+        let upstream = MockUpstream::start(MockConfig::h1().reply(answer));
+        let config = proxy(&upstream.base_url("/api/v3"))
+            .upstream("http_version", "h1")
+            .upstream("read_timeout_ms", "5000")
+            .upstream("max_retries", "1")
+            .yaml(&format!("logging: {logging}\n"))
+            .admin()
+            .drain(1, 1);
         Gateway {
-            listen,
-            admin,
-            process,
+            proxy: ProxyProcess::start(&config, tag),
             upstream,
-            _dir: dir,
-        }
-    }
-
-    /// Polls the log until it holds at least `n` access lines; panics after 5 s.
-    fn wait_for_access_lines(&self, n: usize) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let log = self.process.log();
-            let lines: Vec<String> = log
-                .lines()
-                .filter(|l| l.contains(ACCESS_TARGET))
-                .map(str::to_string)
-                .collect();
-            if lines.len() >= n {
-                return lines;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{n} access lines expected, log:\n{log}"
-            );
-            thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
 /// [`CHAT_ANSWER`] on any path, and a short SSE stream on `…/sse`.
-fn answer(req: &UpstreamRequest) -> Script {
-    if !req.target.ends_with("/sse") {
-        return vec![(Duration::ZERO, json_response(CHAT_ANSWER))];
+fn answer(req: &RecordedRequest) -> Reply {
+    if !req.target_str().ends_with("/sse") {
+        return Reply::json(CHAT_ANSWER);
     }
-    let head =
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-    let gap = Duration::from_millis(20);
-    vec![
-        (Duration::ZERO, head.to_vec()),
-        (Duration::ZERO, chunk("data: {\"i\":0}\n\n")),
-        (gap, chunk("data: {\"i\":1}\n\n")),
-        (gap, chunk("data: [DONE]\n\n")),
-        (gap, LAST_CHUNK.to_vec()),
-    ]
-}
-
-fn config(
-    listen: SocketAddr,
-    admin: SocketAddr,
-    upstream: SocketAddr,
-    dir: &ScratchDir,
-    logging: &str,
-) -> String {
-    let server = dir.server_yaml(1, 1);
-    format!(
-        r#"listen:
-  - addr: "{listen}"
-upstream:
-  base_url: "http://{upstream}/api/v3"
-  http_version: h1
-  connect_timeout_ms: 1000
-  read_timeout_ms: 5000
-  max_retries: 1
-logging: {logging}
-admin:
-  addr: "{admin}"
-{server}"#
-    )
+    Reply::sse(&[
+        (ms(0), "data: {\"i\":0}\n\n"),
+        (ms(20), "data: {\"i\":1}\n\n"),
+        (ms(20), "data: [DONE]\n\n"),
+    ])
 }
 
 /// `/metrics` as a map from `name{labels}` to value.

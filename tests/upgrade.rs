@@ -14,17 +14,18 @@ mod common;
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::io::{self, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{self, Write};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::process::{
-    chunk, connect, free_addr, is_chunked, json_response, path_str, post, read_chunk, read_head,
-    read_response, ArkgateProcess, Client, ScratchDir, Script, ScriptedUpstream, UpstreamRequest,
-    LAST_CHUNK,
+use bytes::Bytes;
+use common::process::{path_str, ArkgateProcess, ScratchDir};
+use common::{
+    json_post_bytes as post, mock::owned, proxy, BlockingClient as Client, MockConfig,
+    MockUpstream, ProxyBuilder, RecordedRequest, Reply,
 };
 
 /// `server.grace_period_seconds` in the test configs.
@@ -53,17 +54,12 @@ const PING_NEW: &str = "ping-new";
 fn graceful_upgrade_under_keepalive_load_loses_no_request() {
     let dir = ScratchDir::new("upgrade");
     let (upstream, _) = start_upstream();
-    let listen = free_addr();
-    let admin = free_addr();
-    let old_cfg = dir.write(
-        "old.yaml",
-        &config(listen, admin, upstream.addr, &dir, "[]"),
-    );
+    let old_config = config(&upstream, "[]");
+    let at = old_config.free_listeners();
+    let (listen, admin) = (at.addr, at.admin_addr.expect("an admin listener"));
+    let old_cfg = dir.write_config("old.yaml", &old_config, &at);
     let new_rule = format!("[{{find: {PING_OLD}, replace: {PING_NEW}, on: [response]}}]");
-    let new_cfg = dir.write(
-        "new.yaml",
-        &config(listen, admin, upstream.addr, &dir, &new_rule),
-    );
+    let new_cfg = dir.write_config("new.yaml", &config(&upstream, &new_rule), &at);
 
     let mut old = ArkgateProcess::spawn(&dir, "old", &["-c", path_str(&old_cfg)]);
     old.wait_listening(listen);
@@ -284,7 +280,7 @@ fn load_worker(addr: SocketAddr, id: usize, stop: &AtomicBool) -> Vec<Record> {
                     _ => (false, Some(format!("unexpected body {text}"))),
                 }
             }
-            Err(e) => (false, Some(e)),
+            Err(e) => (false, Some(e.to_string())),
         };
         records.push(Record {
             started,
@@ -320,31 +316,28 @@ fn sse_stream(addr: SocketAddr, events: usize, gap_ms: u64, started: &AtomicBool
         ended: Instant::now(),
     };
     let path = format!("/v1/sse?events={events}&gap_ms={gap_ms}");
-    let result = (|| -> Result<(), String> {
-        let mut conn = connect(addr).map_err(|e| format!("connect: {e}"))?;
-        conn.get_mut()
-            .write_all(&post(&path, r#"{"model":"m","stream":true,"messages":[]}"#))
-            .map_err(|e| format!("write: {e}"))?;
-        let (status, headers) = read_head(&mut conn).map_err(|e| format!("head: {e}"))?;
-        if status != 200 || !is_chunked(&headers) {
-            return Err(format!("unexpected head {status} {headers:?}"));
-        }
-        let mut pending = String::new();
-        while let Some(chunk) = read_chunk(&mut conn).map_err(|e| format!("body: {e}"))? {
-            pending.push_str(&String::from_utf8_lossy(&chunk));
+    let request = post(&path, r#"{"model":"m","stream":true,"messages":[]}"#);
+    let mut pending = String::new();
+    let (seen, done) = (&mut outcome.events, &mut outcome.done);
+    let result = Client::new(addr)
+        .stream(&request, |piece| {
+            pending.push_str(&String::from_utf8_lossy(piece));
             while let Some(end) = pending.find("\n\n") {
                 let event: String = pending.drain(..end + 2).collect();
                 let data = event.trim().trim_start_matches("data: ").to_string();
                 if data == "[DONE]" {
-                    outcome.done = true;
+                    *done = true;
                 } else {
-                    outcome.events.push((Instant::now(), data));
+                    seen.push((Instant::now(), data));
                     started.store(true, SeqCst);
                 }
             }
-        }
-        Ok(())
-    })();
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|r| match (r.status, r.chunked) {
+            (200, true) => Ok(()),
+            _ => Err(format!("unexpected head {} {:?}", r.status, r.headers)),
+        });
     outcome.error = result.err();
     outcome.ended = Instant::now();
     outcome
@@ -374,12 +367,10 @@ fn sigterm_finishes_in_flight_requests_then_refuses_connections() {
     const SLOW_REQUESTS: usize = 5;
     let dir = ScratchDir::new("sigterm");
     let (upstream, slow_started, probes_seen) = start_upstream_with_probes();
-    let listen = free_addr();
-    let admin = free_addr();
-    let cfg = dir.write(
-        "arkgate.yaml",
-        &config(listen, admin, upstream.addr, &dir, "[]"),
-    );
+    let config = config(&upstream, "[]");
+    let at = config.free_listeners();
+    let listen = at.addr;
+    let cfg = dir.write_config("arkgate.yaml", &config, &at);
     let mut proc = ArkgateProcess::spawn(&dir, "arkgate", &["-c", path_str(&cfg)]);
     proc.wait_listening(listen);
 
@@ -511,21 +502,11 @@ fn sigterm_finishes_in_flight_requests_then_refuses_connections() {
 
 /// One fresh connection and one request.
 fn probe_once(addr: SocketAddr, id: u64) -> Probe {
-    let mut conn = match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-        Ok(s) => BufReader::new(s),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Probe::Refused,
-        Err(e) => return Probe::Broken(format!("connect: {e}")),
-    };
-    let _ = conn
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_secs(5)));
-    let result = conn
-        .get_mut()
-        .write_all(&post(&format!("/v1/probe?id={id}"), r#"{"model":"m"}"#))
-        .and_then(|_| read_response(&mut conn));
+    let result = Client::new(addr).send(&post(&format!("/v1/probe?id={id}"), r#"{"model":"m"}"#));
     match result {
         Ok(r) if r.status == 200 => Probe::Served,
         Ok(r) => Probe::Broken(format!("status {}", r.status)),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Probe::Refused,
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Probe::Reset(id),
         Err(e) => Probe::Broken(e.to_string()),
     }
@@ -535,29 +516,16 @@ fn probe_once(addr: SocketAddr, id: u64) -> Probe {
 // Harness: config, upstream, waits
 // ---------------------------------------------------------------------------------------------
 
-fn config(
-    listen: SocketAddr,
-    admin: SocketAddr,
-    upstream: SocketAddr,
-    dir: &ScratchDir,
-    rewrite: &str,
-) -> String {
-    let server = dir.server_yaml(GRACE_S, SHUTDOWN_TIMEOUT_S);
-    format!(
-        r#"listen:
-  - addr: "{listen}"
-upstream:
-  base_url: "http://{upstream}/api/v3"
-  http_version: h1
-  connect_timeout_ms: 1000
-  read_timeout_ms: 10000
-rewrite: {rewrite}
-logging:
-  sample_rate: 0
-admin:
-  addr: "{admin}"
-{server}"#
-    )
+/// arkgate in front of `upstream` with the response rules `rewrite` (a YAML list), an admin
+/// listener and this file's drain times.
+fn config(upstream: &MockUpstream, rewrite: &str) -> ProxyBuilder {
+    proxy(&upstream.base_url("/api/v3"))
+        .upstream("http_version", "h1")
+        .upstream("read_timeout_ms", "10000")
+        .yaml(&format!("rewrite: {rewrite}\n"))
+        .yaml("logging: {sample_rate: 0}\n")
+        .admin()
+        .drain(GRACE_S, SHUTDOWN_TIMEOUT_S)
 }
 
 /// Polls `ready` every 10 ms until it holds; panics after `limit`.
@@ -579,26 +547,28 @@ fn signed_secs(t: Instant, origin: Instant) -> f64 {
 
 /// The mock upstream: JSON on any path, `…/slow` after [`SLOW_MS`], and SSE on `…/sse`
 /// (`?events=N&gap_ms=M`). Also returns how many `/slow` requests have arrived.
-fn start_upstream() -> (ScriptedUpstream, Arc<AtomicUsize>) {
+fn start_upstream() -> (MockUpstream, Arc<AtomicUsize>) {
     let (upstream, slow_started, _) = start_upstream_with_probes();
     (upstream, slow_started)
 }
 
 /// The upstream, the count of `/slow` requests it has seen, and the ids of the probes it has seen.
-fn start_upstream_with_probes() -> (ScriptedUpstream, Arc<AtomicUsize>, Arc<Mutex<HashSet<u64>>>) {
+fn start_upstream_with_probes() -> (MockUpstream, Arc<AtomicUsize>, Arc<Mutex<HashSet<u64>>>) {
     let slow_started = Arc::new(AtomicUsize::new(0));
     let probes = Arc::new(Mutex::new(HashSet::new()));
     let (seen, probed) = (slow_started.clone(), probes.clone());
-    let upstream = ScriptedUpstream::start(move |req| answer(req, &seen, &probed));
+    let upstream =
+        MockUpstream::start(MockConfig::h1().reply(move |req| answer(req, &seen, &probed)));
     (upstream, slow_started, probes)
 }
 
 fn answer(
-    req: &UpstreamRequest,
+    req: &RecordedRequest,
     slow_started: &AtomicUsize,
     probes: &Mutex<HashSet<u64>>,
-) -> Script {
-    let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
+) -> Reply {
+    let target = req.target_str();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let param = |name: &str, default: u64| {
         query
             .split('&')
@@ -607,46 +577,54 @@ fn answer(
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or(default)
     };
+    let received = req.body.len();
     match path.rsplit('/').next() {
         Some("sse") => {
             let events = param("events", 20) as usize;
             let gap = Duration::from_millis(param("gap_ms", 150));
-            sse_script(events, gap)
+            sse_reply(events, gap)
         }
         Some("slow") => {
             slow_started.fetch_add(1, SeqCst);
-            vec![(Duration::from_millis(SLOW_MS), json_answer(req.body_len))]
+            Reply::After(
+                Duration::from_millis(SLOW_MS),
+                Box::new(json_answer(received)),
+            )
         }
         Some("probe") => {
             probes
                 .lock()
                 .expect("probe set poisoned")
                 .insert(param("id", u64::MAX));
-            vec![(Duration::ZERO, json_answer(req.body_len))]
+            json_answer(received)
         }
-        _ => vec![(Duration::ZERO, json_answer(req.body_len))],
+        _ => json_answer(received),
     }
 }
 
-fn json_answer(received: usize) -> Vec<u8> {
-    json_response(&format!(
+fn json_answer(received: usize) -> Reply {
+    Reply::json(format!(
         r#"{{"object":"chat.completion","choices":[{{"index":0,"message":{{"role":"assistant","content":"{PING_OLD}"}}}}],"received":{received}}}"#
     ))
 }
 
 /// `events` SSE events `gap` apart, then `[DONE]`.
-fn sse_script(events: usize, gap: Duration) -> Script {
-    let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n";
-    let mut script = vec![(Duration::ZERO, head.to_vec())];
-    for i in 0..events {
-        let pause = if i > 0 { gap } else { Duration::ZERO };
-        script.push((
-            pause,
-            chunk(&format!("data: {{\"i\":{i},\"delta\":\"{PING_OLD}\"}}\n\n")),
-        ));
+fn sse_reply(events: usize, gap: Duration) -> Reply {
+    let mut chunks: Vec<(Duration, Bytes)> = (0..events)
+        .map(|i| {
+            let pause = if i > 0 { gap } else { Duration::ZERO };
+            let event = format!("data: {{\"i\":{i},\"delta\":\"{PING_OLD}\"}}\n\n");
+            (pause, Bytes::from(event))
+        })
+        .collect();
+    chunks.push((Duration::ZERO, Bytes::from_static(b"data: [DONE]\n\n")));
+    Reply::Chunks {
+        status: 200,
+        headers: owned(&[
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+        ]),
+        chunks,
+        trailers: None,
     }
-    let mut done = chunk("data: [DONE]\n\n");
-    done.extend_from_slice(LAST_CHUNK);
-    script.push((Duration::ZERO, done));
-    script
 }

@@ -1,24 +1,97 @@
-//! Clients that talk to the proxy: a raw HTTP/1.1 client (exact bytes out, every chunk's arrival
-//! time in), an HTTP/2 client on the `h2` crate (prior knowledge or TLS with ALPN), and curl.
+//! Clients that talk to the proxy (or the mock): a raw HTTP/1.1 client (exact bytes out, every
+//! piece's arrival time in) over plain TCP or TLS, a blocking keep-alive wrapper of it for load
+//! threads, an HTTP/2 client on the `h2` crate (prior knowledge or TLS with ALPN) that also
+//! tells when its connection ended, TLS connections with a chosen ALPN and versions, and curl.
 //!
 //! Every read is bounded by [`CLIENT_TIMEOUT`], so a test never hangs on a proxy that went quiet.
 
+use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::path::Path;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderMap;
-use openssl::ssl::{SslConnector, SslMethod};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use openssl::ssl::{SslConnector, SslConnectorBuilder, SslMethod};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_openssl::SslStream;
 
 use super::certs::TestCerts;
-use super::mock::{read_h1_body, read_h1_head, Framing, H1Head, ShowBody, ShowHeaders};
+use super::mock::{
+    find_header, has_header_token, read_h1_body, read_h1_head, read_h2_body, Framing, H1Head,
+    ShowBody, ShowHeaders, Stream,
+};
 
 /// The longest a client waits for a whole response.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------------------------
+
+/// A client-side TLS connection.
+pub type TlsStream = Pin<Box<SslStream<TcpStream>>>;
+
+/// A TLS client trusting `ca`, with `setup` choosing ALPN, versions, ciphers.
+pub fn tls_client(ca: &Path, setup: impl FnOnce(&mut SslConnectorBuilder)) -> SslConnector {
+    let mut b = SslConnector::builder(SslMethod::tls()).expect("TLS connector");
+    b.set_ca_file(ca).expect("trust the test CA");
+    setup(&mut b);
+    b.build()
+}
+
+/// A TLS connection to `addr` made by `client` (verifying the name `localhost`).
+pub async fn tls_handshake(addr: SocketAddr, client: &SslConnector) -> Result<TlsStream, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let ssl = client
+        .configure()
+        .and_then(|c| c.into_ssl("localhost"))
+        .expect("client TLS");
+    let mut tls = Box::pin(SslStream::new(ssl, tcp).expect("TLS stream"));
+    tokio::time::timeout(CLIENT_TIMEOUT, tls.as_mut().connect())
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(tls)
+}
+
+/// A TLS connection to `addr` trusting `ca`, with `setup` choosing ALPN, versions, ciphers.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    ca: &Path,
+    setup: impl FnOnce(&mut SslConnectorBuilder),
+) -> Result<TlsStream, String> {
+    tls_handshake(addr, &tls_client(ca, setup)).await
+}
+
+/// A `setup` for [`tls_connect`] offering `protos` (wire format, e.g. `b"\x02h2"`) by ALPN.
+pub fn alpn(protos: &'static [u8]) -> impl FnOnce(&mut SslConnectorBuilder) {
+    move |b| b.set_alpn_protos(protos).expect("ALPN list")
+}
+
+/// Waits for the peer to close, reading and discarding what it sends first (an HTTP/2 server's
+/// SETTINGS): `Some(after)` with the time it took, `None` if it stayed open for `limit`.
+pub async fn wait_for_close<R: AsyncRead + Unpin>(io: &mut R, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = async {
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, closed)
+        .await
+        .ok()
+        .map(|_| start.elapsed())
+}
 
 // ---------------------------------------------------------------------------------------------
 // HTTP/1.1
@@ -54,10 +127,7 @@ impl std::fmt::Debug for H1Response {
 impl H1Response {
     /// The first value of header `name` as text (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| std::str::from_utf8(v).unwrap_or(""))
+        find_header(&self.headers, name).map(|v| std::str::from_utf8(v).unwrap_or(""))
     }
 
     /// The body as text (lossy).
@@ -69,22 +139,117 @@ impl H1Response {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).expect("response body is JSON")
     }
+
+    /// True when `header` is a comma-separated list containing `token` (case-insensitive).
+    pub fn has_token(&self, header: &str, token: &str) -> bool {
+        has_header_token(&self.headers, header, token)
+    }
+
+    /// The response said `Connection: close`.
+    pub fn closes(&self) -> bool {
+        self.has_token("connection", "close")
+    }
 }
 
-/// A raw HTTP/1.1 connection to the proxy.
+/// A raw HTTP/1.1 connection, plain or TLS.
 pub struct H1Client {
-    io: BufReader<TcpStream>,
+    io: BufReader<Stream>,
 }
 
 impl H1Client {
+    /// A plain connection; panics if the connect fails.
     pub async fn connect(addr: SocketAddr) -> H1Client {
-        let tcp = TcpStream::connect(addr)
+        H1Client::try_connect(addr)
             .await
-            .expect("connect to the proxy");
-        tcp.set_nodelay(true).expect("nodelay");
+            .expect("connect to the proxy")
+    }
+
+    /// A plain connection, or why not (within 2 s).
+    pub async fn try_connect(addr: SocketAddr) -> io::Result<H1Client> {
+        let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        tcp.set_nodelay(true)?;
+        Ok(H1Client::over(Stream::Plain(tcp)))
+    }
+
+    /// HTTP/1.1 on a connection made elsewhere (e.g. by [`tls_connect`]).
+    pub fn over(stream: Stream) -> H1Client {
         H1Client {
-            io: BufReader::new(tcp),
+            io: BufReader::new(stream),
         }
+    }
+
+    /// HTTP/1.1 over a TLS connection made by [`tls_connect`].
+    pub fn over_tls(tls: TlsStream) -> H1Client {
+        H1Client::over(Stream::Tls(tls))
+    }
+
+    /// True while the peer has neither closed the connection nor sent anything unasked (what
+    /// an HTTP client checks before reusing a keep-alive connection).
+    pub fn is_reusable(&self) -> bool {
+        if !self.io.buffer().is_empty() {
+            return false;
+        }
+        // Peek through a second handle on the (non-blocking) socket: no runtime needed.
+        let Ok(fd) = self.io.get_ref().tcp().as_fd().try_clone_to_owned() else {
+            return false;
+        };
+        let mut byte = [0u8; 1];
+        let peeked = std::net::TcpStream::from(fd).peek(&mut byte);
+        matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Waits for the peer to close this connection; see [`wait_for_close`].
+    pub async fn wait_for_close(&mut self, limit: Duration) -> Option<Duration> {
+        wait_for_close(&mut self.io, limit).await
+    }
+
+    /// Sends `request` and reads its final response, passing each body piece to `on_piece` as
+    /// it arrives. Errors (connection closed or reset, body cut short, timeout) are returned.
+    pub async fn try_exchange(
+        &mut self,
+        request: &[u8],
+        mut on_piece: impl FnMut(&[u8]),
+    ) -> io::Result<H1Response> {
+        let head_request = request.starts_with(b"HEAD ");
+        let exchange = async {
+            let context =
+                |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+            self.io
+                .get_mut()
+                .write_all(request)
+                .await
+                .map_err(|e| context("write", e))?;
+            loop {
+                let head = read_h1_head(&mut self.io)
+                    .await
+                    .map_err(|e| context("read", e))?
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::UnexpectedEof, "read: connection closed")
+                    })?;
+                let status = response_status(&head);
+                let framing = response_framing(&head, status, head_request);
+                let r = read_h1_response_with(&mut self.io, head, framing, &mut on_piece).await;
+                if !r.complete {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "read: the body was cut short",
+                    ));
+                }
+                if r.status >= 200 || r.status == 101 {
+                    return Ok(r);
+                }
+            }
+        };
+        tokio::time::timeout(CLIENT_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no response within the client timeout",
+                ))
+            })
     }
 
     /// Writes exactly these bytes.
@@ -160,11 +325,7 @@ impl H1Client {
             .expect("read response head")
             .expect("a response, but the proxy closed the connection (on a keep-alive connection: did it think it was draining?)");
         let status = response_status(&head);
-        let framing = if head_request || status == 204 || status == 304 || status < 200 {
-            Framing::Length(0)
-        } else {
-            head.framing()
-        };
+        let framing = response_framing(&head, status, head_request);
         read_h1_response(&mut self.io, head, framing).await
     }
 
@@ -210,14 +371,36 @@ pub fn response_status(head: &H1Head) -> u16 {
         .expect("numeric status")
 }
 
+/// How the body after a response head is framed (none after HEAD, 1xx, 204 and 304).
+fn response_framing(head: &H1Head, status: u16, head_request: bool) -> Framing {
+    if head_request || status == 204 || status == 304 || status < 200 {
+        Framing::Length(0)
+    } else {
+        head.framing()
+    }
+}
+
 /// Reads the body that follows `head`, framed as `framing` says, timing each piece.
 pub async fn read_h1_response<R: AsyncBufReadExt + Unpin>(
     io: &mut R,
     head: H1Head,
     framing: Framing,
 ) -> H1Response {
+    read_h1_response_with(io, head, framing, |_| {}).await
+}
+
+async fn read_h1_response_with<R: AsyncBufReadExt + Unpin>(
+    io: &mut R,
+    head: H1Head,
+    framing: Framing,
+    mut on_piece: impl FnMut(&[u8]),
+) -> H1Response {
     let mut pieces = Vec::new();
-    let (body, complete) = read_h1_body(io, framing, |n| pieces.push((Instant::now(), n))).await;
+    let (body, complete) = read_h1_body(io, framing, |d| {
+        pieces.push((Instant::now(), d.len()));
+        on_piece(d);
+    })
+    .await;
     H1Response {
         status: response_status(&head),
         chunked: framing == Framing::Chunked,
@@ -273,6 +456,87 @@ pub async fn post_json(addr: SocketAddr, target: &str, body: &str) -> H1Response
     .await
 }
 
+/// A JSON POST to `target` (`Content-Type: application/json`, `Content-Length`).
+pub fn json_post_bytes(target: &str, body: &str) -> Vec<u8> {
+    request_bytes(
+        "POST",
+        target,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocking HTTP/1.1, for load threads and plain `#[test]`s
+// ---------------------------------------------------------------------------------------------
+
+/// A keep-alive client the way HTTP clients behave, for threads outside any runtime: it reuses
+/// its connection unless the last answer said `Connection: close` or the server has closed it
+/// since (checked before sending). An [`H1Client`] on a runtime of its own.
+pub struct BlockingClient {
+    addr: SocketAddr,
+    runtime: tokio::runtime::Runtime,
+    conn: Option<H1Client>,
+    /// How many connections it has opened.
+    pub connects: usize,
+}
+
+impl BlockingClient {
+    pub fn new(addr: SocketAddr) -> BlockingClient {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("client runtime");
+        BlockingClient {
+            addr,
+            runtime,
+            conn: None,
+            connects: 0,
+        }
+    }
+
+    /// Sends one request and reads the complete answer. Any error while the request is in
+    /// flight is returned (and the connection dropped); its kind is the socket's (refused,
+    /// reset …), its message says which step failed.
+    pub fn send(&mut self, request: &[u8]) -> io::Result<H1Response> {
+        self.stream(request, |_| {})
+    }
+
+    /// [`BlockingClient::send`], passing each body piece to `on_piece` as it arrives.
+    pub fn stream(
+        &mut self,
+        request: &[u8],
+        on_piece: impl FnMut(&[u8]),
+    ) -> io::Result<H1Response> {
+        if self.conn.as_ref().is_some_and(|c| !c.is_reusable()) {
+            self.conn = None;
+        }
+        let conn = match self.conn.as_mut() {
+            Some(c) => c,
+            None => {
+                let c = self
+                    .runtime
+                    .block_on(H1Client::try_connect(self.addr))
+                    .map_err(|e| io::Error::new(e.kind(), format!("connect: {e}")))?;
+                self.connects += 1;
+                self.conn.insert(c)
+            }
+        };
+        let result = self.runtime.block_on(conn.try_exchange(request, on_piece));
+        match &result {
+            Ok(r) if !r.closes() => {}
+            _ => self.conn = None,
+        }
+        result
+    }
+
+    /// `GET path`; panics on a connection error (for the admin listener).
+    pub fn get(&mut self, path: &str) -> H1Response {
+        self.send(&request_bytes("GET", path, &[], b""))
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP/2
 // ---------------------------------------------------------------------------------------------
@@ -300,11 +564,16 @@ impl H2Response {
     }
 }
 
-/// An HTTP/2 connection to the proxy; cheap to clone for concurrent streams.
+/// How and when an HTTP/2 connection ended.
+pub type Ended = (Instant, Result<(), String>);
+
+/// An HTTP/2 connection; cheap to clone for concurrent streams. It stays open while a clone
+/// lives (the client never closes on its own), and tells when the server closed it.
 #[derive(Clone)]
 pub struct H2Client {
     send: h2::client::SendRequest<Bytes>,
     base: String,
+    ended: watch::Receiver<Option<Ended>>,
 }
 
 impl H2Client {
@@ -314,26 +583,12 @@ impl H2Client {
             .await
             .expect("connect to the proxy");
         tcp.set_nodelay(true).expect("nodelay");
-        H2Client::handshake(tcp, format!("http://{addr}")).await
+        H2Client::handshake(Stream::Plain(tcp), format!("http://{addr}")).await
     }
 
     /// HTTP/2 over TLS, ALPN `h2`, verifying the proxy's certificate against the test CA.
     pub async fn connect_tls(addr: SocketAddr, certs: &TestCerts) -> H2Client {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .expect("connect to the proxy");
-        tcp.set_nodelay(true).expect("nodelay");
-        let mut b = SslConnector::builder(SslMethod::tls()).expect("connector");
-        b.set_ca_file(&certs.ca_path).expect("trust the test CA");
-        b.set_alpn_protos(b"\x02h2").expect("ALPN");
-        let ssl = b
-            .build()
-            .configure()
-            .and_then(|c| c.into_ssl("localhost"))
-            .expect("client TLS");
-        let mut tls = Box::pin(SslStream::new(ssl, tcp).expect("TLS stream"));
-        tls.as_mut()
-            .connect()
+        let tls = tls_connect(addr, &certs.ca_path, alpn(b"\x02h2"))
             .await
             .expect("TLS handshake with the proxy");
         assert_eq!(
@@ -341,18 +596,47 @@ impl H2Client {
             Some(&b"h2"[..]),
             "proxy chose h2"
         );
-        H2Client::handshake(TlsIo(tls), format!("https://localhost:{}", addr.port())).await
+        let base = format!("https://localhost:{}", addr.port());
+        H2Client::handshake(Stream::Tls(tls), base).await
     }
 
-    async fn handshake<T>(io: T, base: String) -> H2Client
+    /// The HTTP/2 handshake on `io`; request URIs start with `base` (`scheme://authority`).
+    pub async fn handshake<T>(io: T, base: String) -> H2Client
     where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (send, connection) = h2::client::handshake(io).await.expect("h2 handshake");
+        let (send, connection) = tokio::time::timeout(CLIENT_TIMEOUT, h2::client::handshake(io))
+            .await
+            .expect("h2 handshake within the client timeout")
+            .expect("h2 handshake");
+        let (ended_tx, ended) = watch::channel(None);
         tokio::spawn(async move {
-            let _ = connection.await;
+            let result = connection.await.map_err(|e| e.to_string());
+            ended_tx.send_replace(Some((Instant::now(), result)));
         });
-        H2Client { send, base }
+        H2Client { send, base, ended }
+    }
+
+    /// The server has closed the connection (or it broke).
+    pub fn is_closed(&self) -> bool {
+        self.ended.borrow().is_some()
+    }
+
+    /// Waits up to `limit` for the connection to end: when, and with what error (None: still
+    /// open).
+    pub async fn closed_within(&self, limit: Duration) -> Option<Ended> {
+        let mut ended = self.ended.clone();
+        let closed = tokio::time::timeout(limit, ended.wait_for(|e| e.is_some()))
+            .await
+            .ok()?
+            .ok()?
+            .clone();
+        closed
+    }
+
+    /// How many concurrent streams the server allows (its SETTINGS).
+    pub fn max_send_streams(&self) -> usize {
+        self.send.current_max_send_streams()
     }
 
     /// Sends a request with `body` (none if empty) and reads the whole response.
@@ -368,7 +652,9 @@ impl H2Client {
         } else {
             vec![(Duration::ZERO, body)]
         };
-        self.request_chunks(method, path, headers, &chunks).await
+        self.try_request(method, path, headers, &chunks)
+            .await
+            .expect("an h2 response")
     }
 
     /// A JSON POST (`content-type: application/json`).
@@ -377,121 +663,68 @@ impl H2Client {
             .await
     }
 
-    /// Sends a request whose body goes out as DATA frames, each after its pause.
-    pub async fn request_chunks(
+    /// A bodiless GET; `Err` when no response head arrived (stream reset, closed connection,
+    /// the client timeout).
+    pub async fn try_get(
         &self,
-        method: &str,
         path: &str,
         headers: &[(&str, &str)],
-        chunks: &[(Duration, &[u8])],
-    ) -> H2Response {
-        tokio::time::timeout(
-            CLIENT_TIMEOUT,
-            self.request_inner(method, path, headers, chunks),
-        )
-        .await
-        .expect("h2 response within the client timeout")
+    ) -> Result<H2Response, String> {
+        self.try_request("GET", path, headers, &[]).await
     }
 
-    async fn request_inner(
+    /// Sends a request whose body goes out as DATA frames, each after its pause, and reads the
+    /// whole response; `Err` when no response head arrived (stream reset, closed connection,
+    /// the client timeout).
+    pub async fn try_request(
         &self,
         method: &str,
         path: &str,
         headers: &[(&str, &str)],
         chunks: &[(Duration, &[u8])],
-    ) -> H2Response {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
-        for (n, v) in headers {
-            req = req.header(*n, *v);
-        }
-        let req = req.body(()).expect("valid request");
-        let mut send = self
-            .send
-            .clone()
-            .ready()
-            .await
-            .expect("h2 connection ready");
-        let (response, mut stream) = send
-            .send_request(req, chunks.is_empty())
-            .expect("send h2 request");
-        for (i, (pause, data)) in chunks.iter().enumerate() {
-            tokio::time::sleep(*pause).await;
-            stream
-                .send_data(Bytes::copy_from_slice(data), i + 1 == chunks.len())
-                .expect("send h2 body");
-        }
-        let response = response.await.expect("h2 response head");
-        let (parts, mut body) = response.into_parts();
-        let mut data = Vec::new();
-        let mut pieces = Vec::new();
-        let mut error = None;
-        while let Some(piece) = body.data().await {
-            match piece {
-                Ok(piece) => {
-                    let _ = body.flow_control().release_capacity(piece.len());
-                    pieces.push((Instant::now(), piece.len()));
-                    data.extend_from_slice(&piece);
-                }
-                Err(e) => {
-                    error = Some(e.to_string());
-                    break;
-                }
+    ) -> Result<H2Response, String> {
+        let exchange = async {
+            let mut req = http::Request::builder()
+                .method(method)
+                .uri(format!("{}{path}", self.base));
+            for (n, v) in headers {
+                req = req.header(*n, *v);
             }
-        }
-        let trailers = match error {
-            None => body.trailers().await.unwrap_or_else(|e| {
-                error = Some(e.to_string());
-                None
-            }),
-            Some(_) => None,
+            let req = req.body(()).map_err(|e| e.to_string())?;
+            let mut send = self.send.clone().ready().await.map_err(|e| e.to_string())?;
+            let (response, mut stream) = send
+                .send_request(req, chunks.is_empty())
+                .map_err(|e| e.to_string())?;
+            for (i, (pause, data)) in chunks.iter().enumerate() {
+                tokio::time::sleep(*pause).await;
+                stream
+                    .send_data(Bytes::copy_from_slice(data), i + 1 == chunks.len())
+                    .expect("send h2 body");
+            }
+            let (parts, mut body) = response.await.map_err(|e| e.to_string())?.into_parts();
+            let mut pieces = Vec::new();
+            let (data, error) =
+                read_h2_body(&mut body, |d| pieces.push((Instant::now(), d.len()))).await;
+            let mut error = error.map(|e| e.to_string());
+            let trailers = match error {
+                None => body.trailers().await.unwrap_or_else(|e| {
+                    error = Some(e.to_string());
+                    None
+                }),
+                Some(_) => None,
+            };
+            Ok::<_, String>(H2Response {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body: data,
+                pieces,
+                trailers,
+                error,
+            })
         };
-        H2Response {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body: data,
-            pieces,
-            trailers,
-            error,
-        }
-    }
-}
-
-/// A pinned TLS stream as a plain `Unpin` IO object for the h2 crate.
-struct TlsIo(Pin<Box<SslStream<TcpStream>>>);
-
-impl tokio::io::AsyncRead for TlsIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.0.as_mut().poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for TlsIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.0.as_mut().poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.0.as_mut().poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.0.as_mut().poll_shutdown(cx)
+        tokio::time::timeout(CLIENT_TIMEOUT, exchange)
+            .await
+            .map_err(|_| "no h2 response within the client timeout".to_string())?
     }
 }
 

@@ -4,6 +4,8 @@
 //! request exactly as it arrived: method, raw target, headers, body and how the body was cut.
 //! What it answers is decided per request by a handler closure returning a [`Reply`], which
 //! includes the faults the reliability tests need (silence, stalls, resets, garbage, closes).
+//! An upstream can also go away: [`MockUpstream::stop`] (graceful) and [`MockUpstream::kill`]
+//! (at once); [`DeadUpstream`] is one that is down from the start and can be brought up.
 
 use std::fmt;
 use std::future::poll_fn;
@@ -21,9 +23,9 @@ use openssl::ssl::{select_next_proto, AlpnError, Ssl, SslAcceptor, SslFiletype, 
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_openssl::SslStream;
 
 use super::certs::TestCerts;
@@ -116,13 +118,28 @@ impl fmt::Debug for ShowBody<'_> {
     }
 }
 
+/// The first value of header `name` in `headers` (case-insensitive).
+pub fn find_header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice())
+}
+
+/// True when header `header` in `headers` is a comma-separated list containing `token`
+/// (case-insensitive).
+pub fn has_header_token(headers: &[(String, Vec<u8>)], header: &str, token: &str) -> bool {
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(header))
+        .flat_map(|(_, v)| v.split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
 impl RecordedRequest {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+        find_header(&self.headers, name)
     }
 
     /// The first value of header `name` as text ("" if it is not UTF-8).
@@ -249,6 +266,7 @@ pub type Handler = Arc<dyn Fn(&RecordedRequest) -> Reply + Send + Sync>;
 
 /// How to start a mock upstream.
 pub struct MockConfig {
+    name: String,
     proto: Proto,
     tls: Option<(String, String)>,
     handler: Handler,
@@ -268,6 +286,7 @@ impl MockConfig {
     /// A mock speaking `proto`, answering 200 `{"ok":true}`.
     pub fn new(proto: Proto) -> MockConfig {
         MockConfig {
+            name: "mock".into(),
             proto,
             tls: None,
             handler: Arc::new(|_| Reply::json(r#"{"ok":true}"#)),
@@ -278,6 +297,12 @@ impl MockConfig {
     pub fn tls(mut self, certs: &TestCerts) -> MockConfig {
         let path = |p: &std::path::Path| p.to_str().expect("UTF-8 path").to_string();
         self.tls = Some((path(&certs.cert_path), path(&certs.key_path)));
+        self
+    }
+
+    /// Names the mock (for failure messages when a test runs several); "mock" by default.
+    pub fn name(mut self, name: &str) -> MockConfig {
+        self.name = name.to_string();
         self
     }
 
@@ -298,6 +323,10 @@ struct Shared {
     connections: AtomicUsize,
     closed: AtomicUsize,
     sent: Mutex<Vec<Instant>>,
+    /// Set by [`MockUpstream::stop`]: accept no more, close connections once their reply is out.
+    stopping: watch::Sender<bool>,
+    /// The listener is still open.
+    listening: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -330,9 +359,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A running mock upstream. Dropping it stops its runtime and closes every connection.
 pub struct MockUpstream {
     pub addr: SocketAddr,
+    name: String,
     tls: bool,
     shared: Arc<Shared>,
-    runtime: Option<Runtime>,
+    runtime: Mutex<Option<Runtime>>,
 }
 
 impl MockUpstream {
@@ -342,8 +372,9 @@ impl MockUpstream {
         MockUpstream::start_on(cfg, listener)
     }
 
-    /// Binds exactly `addr` (e.g. a [`dead_addr`] a proxy already points at, to bring a
-    /// "down" upstream up) and starts serving; ready as soon as this returns.
+    /// Binds exactly `addr` (e.g. the address of an upstream that was stopped) and starts
+    /// serving; ready as soon as this returns. To bring up an upstream a proxy already points
+    /// at, prefer [`DeadUpstream::revive`], which never lets go of the port.
     pub fn start_at(cfg: MockConfig, addr: SocketAddr) -> MockUpstream {
         let listener = std::net::TcpListener::bind(addr).expect("bind mock at the given address");
         MockUpstream::start_on(cfg, listener)
@@ -351,12 +382,21 @@ impl MockUpstream {
 
     /// Starts serving on a listener the caller bound.
     pub fn start_on(cfg: MockConfig, listener: std::net::TcpListener) -> MockUpstream {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("mock-upstream")
-            .enable_all()
-            .build()
-            .expect("mock runtime");
+        MockUpstream::launch(cfg, mock_runtime(), listener)
+    }
+
+    /// Listens on a socket the caller bound (a deep backlog, a [`DeadUpstream`]'s port).
+    pub fn start_on_socket(cfg: MockConfig, socket: TcpSocket, backlog: u32) -> MockUpstream {
+        let runtime = mock_runtime();
+        let listener = {
+            let _in_runtime = runtime.enter();
+            let listener = socket.listen(backlog).expect("listen on the mock socket");
+            listener.into_std().expect("std listener")
+        };
+        MockUpstream::launch(cfg, runtime, listener)
+    }
+
+    fn launch(cfg: MockConfig, runtime: Runtime, listener: std::net::TcpListener) -> MockUpstream {
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("mock address");
         let acceptor = cfg
@@ -369,13 +409,20 @@ impl MockUpstream {
             connections: AtomicUsize::new(0),
             closed: AtomicUsize::new(0),
             sent: Mutex::new(Vec::new()),
+            stopping: watch::channel(false).0,
+            listening: true.into(),
         });
         let proto = cfg.proto;
         let accept_shared = shared.clone();
         runtime.spawn(async move {
             let listener = TcpListener::from_std(listener).expect("tokio listener");
+            let mut stopping = accept_shared.stopping.subscribe();
             loop {
-                let Ok((tcp, _)) = listener.accept().await else {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = stopped(&mut stopping) => break,
+                };
+                let Ok((tcp, _)) = accepted else {
                     continue;
                 };
                 let conn = accept_shared.connections.fetch_add(1, SeqCst) + 1;
@@ -386,13 +433,53 @@ impl MockUpstream {
                     shared.closed.fetch_add(1, SeqCst);
                 });
             }
+            drop(listener);
+            accept_shared.listening.store(false, SeqCst);
         });
         MockUpstream {
             addr,
+            name: cfg.name,
             tls: cfg.tls.is_some(),
             shared,
-            runtime: Some(runtime),
+            runtime: Mutex::new(Some(runtime)),
         }
+    }
+
+    /// The name given with [`MockConfig::name`].
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A graceful stop, like a server draining: the listener closes before this returns (new
+    /// connections are refused), requests in flight get their whole reply, and each connection
+    /// closes once idle (HTTP/2: GOAWAY). See [`MockUpstream::drained`].
+    pub fn stop(&self) {
+        self.shared.stopping.send_replace(true);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.shared.listening.load(SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "{}: the listener did not close",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// True once every connection has closed (after [`MockUpstream::stop`]).
+    pub fn drained(&self) -> bool {
+        self.closed_connections() == self.connections()
+    }
+
+    /// Gone at once, like a crashed upstream: the listener and every connection are closed
+    /// (no reply finishes) before this returns. The recorded requests stay readable.
+    pub fn kill(&self) {
+        if let Some(rt) = lock(&self.runtime).take() {
+            // A runtime may not be shut down (blocking) from inside an async test's runtime.
+            let shutdown = std::thread::spawn(move || rt.shutdown_timeout(Duration::from_secs(2)));
+            let _ = shutdown.join();
+        }
+        self.shared.listening.store(false, SeqCst);
     }
 
     /// `http(s)://127.0.0.1:PORT{path}`.
@@ -459,21 +546,63 @@ impl MockUpstream {
 
 impl Drop for MockUpstream {
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
+        if let Some(rt) = lock(&self.runtime).take() {
             rt.shutdown_background();
         }
     }
 }
 
-/// An address nobody listens on: bound, then released.
-pub fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("address")
+/// Resolves once [`MockUpstream::stop`] was called.
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
 }
 
-/// A base URL for an upstream that is down (connections are refused).
-pub fn dead_base_url(path: &str) -> String {
-    format!("http://{}{path}", dead_addr())
+fn mock_runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("mock-upstream")
+        .enable_all()
+        .build()
+        .expect("mock runtime")
+}
+
+/// An upstream that is down: a socket bound to a port of its own that never listens, so
+/// connections to it are refused, and no other test can take the port while this lives.
+pub struct DeadUpstream {
+    socket: TcpSocket,
+    addr: SocketAddr,
+}
+
+impl DeadUpstream {
+    /// Binds `127.0.0.1:0` without listening.
+    pub fn new() -> DeadUpstream {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind the dead upstream");
+        let addr = socket.local_addr().expect("dead upstream address");
+        DeadUpstream { socket, addr }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn base_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Brings the upstream up on the same port (the socket starts listening).
+    pub fn revive(self, cfg: MockConfig) -> MockUpstream {
+        MockUpstream::start_on_socket(cfg, self.socket, 1024)
+    }
+}
+
+impl Default for DeadUpstream {
+    fn default() -> Self {
+        DeadUpstream::new()
+    }
 }
 
 fn acceptor(cert: &str, key: &str, proto: Proto) -> SslAcceptor {
@@ -497,57 +626,58 @@ fn acceptor(cert: &str, key: &str, proto: Proto) -> SslAcceptor {
 // Connections
 // ---------------------------------------------------------------------------------------------
 
-/// A plain or TLS server-side connection.
-enum MockStream {
+/// A plain or TLS connection (the mock's side or a client's).
+pub enum Stream {
     Plain(TcpStream),
     Tls(Pin<Box<SslStream<TcpStream>>>),
 }
 
-impl MockStream {
-    fn tcp(&self) -> &TcpStream {
+impl Stream {
+    /// The TCP socket under it.
+    pub fn tcp(&self) -> &TcpStream {
         match self {
-            MockStream::Plain(s) => s,
-            MockStream::Tls(s) => s.get_ref(),
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref(),
         }
     }
 }
 
-impl AsyncRead for MockStream {
+impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            MockStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            MockStream::Tls(s) => s.as_mut().poll_read(cx, buf),
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => s.as_mut().poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for MockStream {
+impl AsyncWrite for Stream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            MockStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            MockStream::Tls(s) => s.as_mut().poll_write(cx, buf),
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => s.as_mut().poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            MockStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            MockStream::Tls(s) => s.as_mut().poll_flush(cx),
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => s.as_mut().poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            MockStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            MockStream::Tls(s) => s.as_mut().poll_shutdown(cx),
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => s.as_mut().poll_shutdown(cx),
         }
     }
 }
@@ -567,7 +697,7 @@ async fn serve_connection(
             } else {
                 Version::H1
             };
-            (MockStream::Plain(tcp), version)
+            (Stream::Plain(tcp), version)
         }
         Some(acceptor) => {
             let Ok(ssl) = Ssl::new(acceptor.context()) else {
@@ -586,7 +716,7 @@ async fn serve_connection(
                 None if proto == Proto::H2 => Version::H2,
                 None => Version::H1,
             };
-            (MockStream::Tls(stream), version)
+            (Stream::Tls(stream), version)
         }
     };
     match version {
@@ -630,20 +760,14 @@ pub struct H1Head {
 }
 
 impl H1Head {
+    /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+        find_header(&self.headers, name)
     }
 
     /// True when `header` is a comma-separated list containing `token` (case-insensitive).
     pub fn has_token(&self, header: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(header))
-            .flat_map(|(_, v)| v.split(|b| *b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        has_header_token(&self.headers, header, token)
     }
 
     /// The framing of the body that follows this head.
@@ -716,12 +840,12 @@ pub async fn read_h1_head<R: AsyncBufReadExt + Unpin>(io: &mut R) -> io::Result<
     Ok(Some(H1Head { start, headers }))
 }
 
-/// Reads a body with the given framing, calling `piece` with the size of each piece as it
-/// arrives. Returns the body and whether it was complete.
+/// Reads a body with the given framing, calling `piece` with each piece as it arrives.
+/// Returns the body and whether it was complete.
 pub async fn read_h1_body<R: AsyncBufReadExt + Unpin>(
     io: &mut R,
     framing: Framing,
-    mut piece: impl FnMut(usize),
+    mut piece: impl FnMut(&[u8]),
 ) -> (Vec<u8>, bool) {
     let mut body = Vec::new();
     match framing {
@@ -733,7 +857,7 @@ pub async fn read_h1_body<R: AsyncBufReadExt + Unpin>(
                     Ok(0) | Err(_) => return (body, false),
                     Ok(got) => {
                         body.extend_from_slice(&buf[..got]);
-                        piece(got);
+                        piece(&buf[..got]);
                     }
                 }
             }
@@ -772,7 +896,7 @@ pub async fn read_h1_body<R: AsyncBufReadExt + Unpin>(
                     body.truncate(start);
                     return (body, false);
                 }
-                piece(size);
+                piece(&body[start..]);
                 line.clear();
                 if !matches!(io.read_until(b'\n', &mut line).await, Ok(n) if n > 0) {
                     return (body, false);
@@ -787,7 +911,7 @@ pub async fn read_h1_body<R: AsyncBufReadExt + Unpin>(
                     Err(_) => return (body, false),
                     Ok(got) => {
                         body.extend_from_slice(&buf[..got]);
-                        piece(got);
+                        piece(&buf[..got]);
                     }
                 }
             }
@@ -801,10 +925,19 @@ enum After {
     Close,
 }
 
-async fn serve_h1(stream: MockStream, conn: usize, shared: &Shared) {
+async fn serve_h1(stream: Stream, conn: usize, shared: &Shared) {
     let mut io = BufReader::new(stream);
+    let mut stopping = shared.stopping.subscribe();
     loop {
-        let Ok(Some(head)) = read_h1_head(&mut io).await else {
+        // An idle keep-alive connection closes when the mock stops.
+        let head = tokio::select! {
+            head = read_h1_head(&mut io) => head,
+            _ = stopped(&mut stopping) => {
+                let _ = io.shutdown().await;
+                return;
+            }
+        };
+        let Ok(Some(head)) = head else {
             return;
         };
         let received = Instant::now();
@@ -818,7 +951,7 @@ async fn serve_h1(stream: MockStream, conn: usize, shared: &Shared) {
             f => f,
         };
         let mut chunks = Vec::new();
-        let (body, complete) = read_h1_body(&mut io, framing, |n| chunks.push(n)).await;
+        let (body, complete) = read_h1_body(&mut io, framing, |d| chunks.push(d.len())).await;
         let [method, target, _version] = &head.start;
         let request = RecordedRequest {
             conn,
@@ -835,7 +968,7 @@ async fn serve_h1(stream: MockStream, conn: usize, shared: &Shared) {
         let Some((reply, is_head)) = shared.answer(request, complete) else {
             return;
         };
-        let close_requested = head.has_token("connection", "close");
+        let close_requested = head.has_token("connection", "close") || *stopping.borrow();
         match write_h1_reply(&mut io, reply, is_head, shared).await {
             Ok(After::KeepAlive) if !close_requested => continue,
             _ => {
@@ -888,7 +1021,7 @@ async fn write_chunk<W: AsyncWrite + Unpin>(io: &mut W, data: &[u8]) -> io::Resu
 const CHUNKED: (&str, &str) = ("transfer-encoding", "chunked");
 
 async fn write_h1_reply(
-    io: &mut BufReader<MockStream>,
+    io: &mut BufReader<Stream>,
     reply: Reply,
     is_head: bool,
     shared: &Shared,
@@ -917,7 +1050,6 @@ async fn write_h1_reply(
             io.flush().await?;
             After::KeepAlive
         }
-        Reply::Echo => unreachable!("resolved before writing"),
         Reply::Chunks {
             status,
             headers,
@@ -988,7 +1120,7 @@ async fn write_h1_reply(
             tokio::time::sleep(delay).await;
             Box::pin(write_h1_reply(io, *inner, is_head, shared)).await?
         }
-        Reply::CloseAfterResponse(_) => unreachable!("unwrapped above"),
+        Reply::Echo | Reply::CloseAfterResponse(_) => unreachable!("resolved and unwrapped above"),
     };
     Ok(if close_after { After::Close } else { after })
 }
@@ -1011,13 +1143,20 @@ enum ConnAction {
     Abort,
 }
 
-async fn serve_h2(stream: MockStream, conn: usize, shared: &Arc<Shared>) {
+async fn serve_h2(stream: Stream, conn: usize, shared: &Arc<Shared>) {
     let Ok(mut h2) = h2::server::handshake(stream).await else {
         return;
     };
     let (actions_tx, mut actions) = mpsc::unbounded_channel();
+    let mut stopping = shared.stopping.subscribe();
     loop {
         tokio::select! {
+            _ = stopped(&mut stopping) => {
+                // Streams in flight finish; the client is told to open no more.
+                h2.graceful_shutdown();
+                while let Some(Ok(_)) = h2.accept().await {}
+                return;
+            }
             next = h2.accept() => match next {
                 Some(Ok((request, respond))) => {
                     let shared = shared.clone();
@@ -1041,6 +1180,27 @@ async fn serve_h2(stream: MockStream, conn: usize, shared: &Arc<Shared>) {
     }
 }
 
+/// Reads an HTTP/2 body to its end (trailers excepted), giving back flow-control capacity and
+/// calling `piece` with each DATA frame's payload. Returns the body and the error that cut it
+/// short, if any.
+pub async fn read_h2_body(
+    body: &mut h2::RecvStream,
+    mut piece: impl FnMut(&[u8]),
+) -> (Vec<u8>, Option<h2::Error>) {
+    let mut data = Vec::new();
+    while let Some(next) = body.data().await {
+        match next {
+            Ok(frame) => {
+                let _ = body.flow_control().release_capacity(frame.len());
+                piece(&frame);
+                data.extend_from_slice(&frame);
+            }
+            Err(e) => return (data, Some(e)),
+        }
+    }
+    (data, None)
+}
+
 async fn serve_h2_stream(
     request: http::Request<h2::RecvStream>,
     respond: h2::server::SendResponse<Bytes>,
@@ -1050,22 +1210,9 @@ async fn serve_h2_stream(
 ) {
     let received = Instant::now();
     let (parts, mut body) = request.into_parts();
-    let mut data = Vec::new();
     let mut chunks = Vec::new();
-    let mut complete = true;
-    while let Some(next) = body.data().await {
-        match next {
-            Ok(piece) => {
-                let _ = body.flow_control().release_capacity(piece.len());
-                chunks.push(piece.len());
-                data.extend_from_slice(&piece);
-            }
-            Err(_) => {
-                complete = false;
-                break;
-            }
-        }
-    }
+    let (data, error) = read_h2_body(&mut body, |d| chunks.push(d.len())).await;
+    let complete = error.is_none();
     if complete {
         let _ = body.trailers().await;
     }
@@ -1139,7 +1286,6 @@ async fn write_h2_reply(
                 respond.send_response(head, false)?.send_data(body, true)?;
             }
         }
-        Reply::Echo => unreachable!("resolved before writing"),
         Reply::Chunks {
             status,
             headers,
@@ -1192,7 +1338,7 @@ async fn write_h2_reply(
             tokio::time::sleep(delay).await;
             Box::pin(write_h2_reply(respond, *inner, is_head, shared, actions)).await?;
         }
-        Reply::CloseAfterResponse(_) => unreachable!("unwrapped above"),
+        Reply::Echo | Reply::CloseAfterResponse(_) => unreachable!("resolved and unwrapped above"),
     }
     if close_after {
         let _ = actions.send(ConnAction::Close);

@@ -1,12 +1,17 @@
-//! The shared test harness: everything an end-to-end test needs, over real sockets on 127.0.0.1.
+//! The shared test kit: everything an end-to-end test needs, over real sockets on 127.0.0.1.
 //!
+//! - [`mock`]: the one mock upstream (HTTP/1.1 and HTTP/2, plain or TLS, named), which records
+//!   each request and answers a [`mock::Reply`], faults included; it can [`MockUpstream::stop`]
+//!   (drain) or [`MockUpstream::kill`], and [`DeadUpstream`] is one that is down (a bound
+//!   socket that never listens) until revived on the same port.
+//! - [`client`]: the one set of clients: raw HTTP/1.1 over TCP or TLS (and a blocking wrapper
+//!   for load threads), HTTP/2 (h2c or TLS) that reports when its connection ends, TLS
+//!   handshakes with chosen ALPN and versions, and curl; each body piece is timed.
+//! - [`proxy`]: [`ProxyBuilder`], the one writer of arkgate YAML, and the real arkgate
+//!   in-process on free ports, stopped when its handle drops.
+//! - [`process`]: the real `arkgate` binary as a child process on a [`ProxyBuilder`] config,
+//!   for signals, upgrades, memory, the log and `arkgate -t`.
 //! - [`certs`]: a throwaway CA and a server certificate for `localhost` / 127.0.0.1.
-//! - [`mock`]: the mock upstream (HTTP/1.1 and HTTP/2, plain or TLS) that records each request
-//!   and answers with a [`mock::Reply`], faults included.
-//! - [`proxy`]: the real arkgate in-process on free ports, stopped when its handle drops.
-//! - [`client`]: a raw HTTP/1.1 client, an HTTP/2 client and curl, all timing each body piece.
-//! - [`process`]: the real `arkgate` binary as a child process, with a scripted upstream and a
-//!   blocking client, for signals, upgrades, the log and `arkgate -t`.
 //!
 //! No fixed ports (everything binds port 0), readiness by polling a connect, and every wait is
 //! bounded, so each test stops by itself.
@@ -26,12 +31,11 @@ pub mod proxy;
 
 pub use certs::TestCerts;
 pub use client::{
-    curl, h1, post_json, request_bytes, CurlOutput, H1Client, H1Response, H2Client, H2Response,
+    alpn, curl, h1, json_post_bytes, post_json, request_bytes, tls_connect, BlockingClient,
+    CurlOutput, H1Client, H1Response, H2Client, H2Response,
 };
-pub use mock::{
-    dead_addr, dead_base_url, MockConfig, MockUpstream, Proto, RecordedRequest, Reply, Version,
-};
-pub use proxy::{proxy, start_proxy, yaml_str, Proxy, ProxyBuilder};
+pub use mock::{DeadUpstream, MockConfig, MockUpstream, Proto, RecordedRequest, Reply, Version};
+pub use proxy::{proxy, start_proxy, yaml_str, Listeners, Proxy, ProxyBuilder};
 
 use std::time::Duration;
 

@@ -1,6 +1,13 @@
-//! The real arkgate, in-process: a YAML config is written for free local ports, parsed with
-//! `Config::from_yaml`, built with `app::build_server`, and run on its own thread until the
-//! [`Proxy`] handle is dropped (which asks Pingora for a fast shutdown and waits for it).
+//! The one place test configs are written: [`ProxyBuilder`] renders arkgate's YAML for given
+//! listener addresses, and starts the real arkgate in-process on free local ports (parsed with
+//! `Config::from_yaml`, built with `server::build_server`, run on its own thread until the
+//! [`Proxy`] handle is dropped, which asks Pingora for a fast shutdown and waits for it). The
+//! process harness runs the binary on the same YAML.
+//!
+//! Listener ports come from binding `127.0.0.1:0` and letting go (Pingora's `add_tcp` takes an
+//! address, not a socket). Linux hands out `bind(0)` ports from a random point of the ephemeral
+//! range, so another test landing on the freed port in the moment before the proxy binds it is
+//! very unlikely; upstreams, which can hold their sockets, never do this (see `DeadUpstream`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +36,7 @@ pub fn free_addr() -> SocketAddr {
 }
 
 /// Builds a proxy configuration; see [`proxy`].
+#[derive(Clone)]
 pub struct ProxyBuilder {
     upstream: Vec<(String, String)>,
     sections: Vec<String>,
@@ -36,6 +44,29 @@ pub struct ProxyBuilder {
     tls_listener: Option<(String, String)>,
     admin: bool,
     threads: usize,
+    /// `server.grace_period_seconds` and `server.graceful_shutdown_timeout_seconds`.
+    drain_s: (u64, u64),
+}
+
+/// Where a proxy listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Listeners {
+    /// The plain listener.
+    pub addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+}
+
+impl Listeners {
+    /// Addresses for a config that is only checked, never run (nothing binds them).
+    pub fn unbound() -> Listeners {
+        let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        Listeners {
+            addr: at(1),
+            tls_addr: Some(at(3)),
+            admin_addr: Some(at(4)),
+        }
+    }
 }
 
 /// A proxy in front of `base_url`, with test-friendly defaults: 2 threads, no admin listener,
@@ -51,6 +82,7 @@ pub fn proxy(base_url: &str) -> ProxyBuilder {
         tls_listener: None,
         admin: false,
         threads: 2,
+        drain_s: (0, 0),
     }
 }
 
@@ -116,16 +148,29 @@ impl ProxyBuilder {
         self
     }
 
-    /// Writes the YAML, builds the server and waits until every listener accepts connections.
-    pub fn start(self) -> Proxy {
-        let _ = env_logger::builder().is_test(true).try_init();
-        let dir = tempfile::tempdir().expect("temp dir for the proxy");
-        let addr = free_addr();
-        let tls_addr = self.tls_listener.as_ref().map(|_| free_addr());
-        let admin_addr = self.admin.then(free_addr);
+    /// How long a stop drains: `server.grace_period_seconds` and
+    /// `server.graceful_shutdown_timeout_seconds` (0 and 0 by default).
+    pub fn drain(mut self, grace_period_s: u64, shutdown_timeout_s: u64) -> ProxyBuilder {
+        self.drain_s = (grace_period_s, shutdown_timeout_s);
+        self
+    }
 
-        let mut yaml = format!("listen:\n  - {{addr: \"{addr}\", h2c: {}}}\n", self.h2c);
-        if let (Some(a), Some((cert, key))) = (tls_addr, &self.tls_listener) {
+    /// Free ports for the listeners this config has.
+    pub fn free_listeners(&self) -> Listeners {
+        Listeners {
+            addr: free_addr(),
+            tls_addr: self.tls_listener.as_ref().map(|_| free_addr()),
+            admin_addr: self.admin.then(free_addr),
+        }
+    }
+
+    /// The YAML for listeners `at`, with the pid file and upgrade socket in `dir`.
+    pub fn render(&self, at: &Listeners, dir: &std::path::Path) -> String {
+        let mut yaml = format!(
+            "listen:\n  - {{addr: \"{}\", h2c: {}}}\n",
+            at.addr, self.h2c
+        );
+        if let (Some(a), Some((cert, key))) = (at.tls_addr, &self.tls_listener) {
             yaml +=
                 &format!("  - {{addr: \"{a}\", tls: {{cert_path: {cert}, key_path: {key}}}}}\n");
         }
@@ -133,16 +178,18 @@ impl ProxyBuilder {
         for (k, v) in &self.upstream {
             yaml += &format!("  {k}: {v}\n");
         }
-        match admin_addr {
+        match at.admin_addr.filter(|_| self.admin) {
             Some(a) => yaml += &format!("admin: {{addr: \"{a}\"}}\n"),
             None => yaml += "admin: {addr: ~}\n",
         }
-        let path = |name: &str| yaml_str(dir.path().join(name).to_str().expect("UTF-8 path"));
+        let path = |name: &str| yaml_str(dir.join(name).to_str().expect("UTF-8 path"));
         yaml += &format!(
-            "server: {{threads: {}, pid_file: {}, upgrade_sock: {}, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 0}}\n",
+            "server: {{threads: {}, pid_file: {}, upgrade_sock: {}, grace_period_seconds: {}, graceful_shutdown_timeout_seconds: {}}}\n",
             self.threads,
             path("arkgate.pid"),
             path("upgrade.sock"),
+            self.drain_s.0,
+            self.drain_s.1,
         );
         for section in &self.sections {
             yaml += section;
@@ -150,6 +197,16 @@ impl ProxyBuilder {
                 yaml.push('\n');
             }
         }
+        yaml
+    }
+
+    /// Writes the YAML, builds the server and waits until every listener accepts connections.
+    pub fn start(self) -> Proxy {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let dir = tempfile::tempdir().expect("temp dir for the proxy");
+        let at = self.free_listeners();
+        let (addr, tls_addr, admin_addr) = (at.addr, at.tls_addr, at.admin_addr);
+        let yaml = self.render(&at, dir.path());
         std::fs::write(dir.path().join("arkgate.yaml"), &yaml).expect("write config");
 
         let cfg = arkgate::Config::from_yaml(&yaml)
