@@ -2,13 +2,14 @@
 //! fixed list of label names ([`CounterVec`], [`GaugeVec`], [`HistogramVec`]).
 //!
 //! Both are `const`-constructible, so a module declares its metrics as statics next to the code
-//! that moves them. A family's series are found by hashing the label values in place (no
-//! `String` is built for a label set already seen), under a read lock held only for that lookup.
+//! that moves them. A family's series are found from the label values in place, compared one by
+//! one in a small family and hashed in a larger one (no `String` is built for a label set already
+//! seen), under a read lock held only for that lookup.
 //! A new label set takes the write lock and allocates once; its series then lives for the rest of
 //! the process, which is why [`Family::with`] can hand out a `&'static` that callers keep as a
 //! handle. The number of series is bounded: see [`Family::with`].
 
-use std::hash::BuildHasher as _;
+use std::hash::{BuildHasher as _, Hasher as _};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -130,14 +131,56 @@ pub struct Family<M: 'static, const L: usize> {
     label_names: [&'static str; L],
     max_series: usize,
     initial: &'static [[&'static str; L]],
-    series: RwLock<HashTable<&'static Series<M, L>>>,
+    series: RwLock<Table<M, L>>,
     overflowed: AtomicBool,
 }
 
-/// The hasher of every family's label sets, seeded once per process.
-fn hasher() -> &'static DefaultHashBuilder {
+/// Up to this many series, a lookup compares label values in order instead of hashing them:
+/// faster for the small families most are (see `benches/metrics.rs`).
+const LINEAR_SCAN_MAX: usize = 8;
+
+/// A family's series, in creation order and indexed by the hash of their label values.
+struct Table<M: 'static, const L: usize> {
+    list: Vec<&'static Series<M, L>>,
+    index: HashTable<&'static Series<M, L>>,
+}
+
+impl<M, const L: usize> Table<M, L> {
+    const fn new() -> Self {
+        Table {
+            list: Vec::new(),
+            index: HashTable::new(),
+        }
+    }
+
+    /// The series with these values; `hash` is computed only when the table is large.
+    fn find(&self, values: &[&str; L]) -> Option<&'static Series<M, L>> {
+        if self.list.len() <= LINEAR_SCAN_MAX {
+            return self.list.iter().find(|s| matches(s, values)).copied();
+        }
+        self.index
+            .find(hash_of(values), |s| matches(s, values))
+            .copied()
+    }
+
+    fn insert(&mut self, series: &'static Series<M, L>) {
+        self.list.push(series);
+        self.index.insert_unique(series.hash, series, |s| s.hash);
+    }
+}
+
+/// The hash of a label set, with a hasher seeded once per process. Each value is followed by a
+/// byte no UTF-8 text holds, so `["ab", "c"]` and `["a", "bc"]` hash apart.
+fn hash_of<const L: usize>(values: &[&str; L]) -> u64 {
     static HASHER: OnceLock<DefaultHashBuilder> = OnceLock::new();
-    HASHER.get_or_init(DefaultHashBuilder::default)
+    let mut h = HASHER
+        .get_or_init(DefaultHashBuilder::default)
+        .build_hasher();
+    for v in values {
+        h.write(v.as_bytes());
+        h.write_u8(0xff);
+    }
+    h.finish()
 }
 
 /// `value` cut to at most [`MAX_LABEL_VALUE_BYTES`], at a character boundary.
@@ -181,7 +224,7 @@ impl<M: Metric, const L: usize> Family<M, L> {
             label_names,
             max_series: DEFAULT_MAX_SERIES,
             initial: &[],
-            series: RwLock::new(HashTable::new()),
+            series: RwLock::new(Table::new()),
             overflowed: AtomicBool::new(false),
         }
     }
@@ -211,23 +254,22 @@ impl<M: Metric, const L: usize> Family<M, L> {
     /// once per family.
     pub fn with(&self, values: [&str; L]) -> &'static M {
         let values = values.map(clip);
-        let hash = hasher().hash_one(values);
-        let found = self.read().find(hash, |s| matches(s, &values)).copied();
+        let found = self.read().find(&values);
         match found {
             Some(series) => &series.metric,
-            None => self.insert(hash, values, true),
+            None => self.insert(values, true),
         }
     }
 
     /// The write-locked slow path of [`with`](Self::with): finds or creates the series, or falls
     /// back to the overflow series when `limited` and the family is full.
     #[cold]
-    fn insert(&self, hash: u64, values: [&str; L], limited: bool) -> &'static M {
+    fn insert(&self, values: [&str; L], limited: bool) -> &'static M {
         let mut table = self.write();
-        if let Some(series) = table.find(hash, |s| matches(s, &values)) {
+        if let Some(series) = table.find(&values) {
             return &series.metric;
         }
-        if limited && table.len() >= self.max_series {
+        if limited && table.list.len() >= self.max_series {
             drop(table);
             if !self.overflowed.swap(true, Relaxed) {
                 warn!(
@@ -235,16 +277,15 @@ impl<M: Metric, const L: usize> Family<M, L> {
                     self.name, self.max_series
                 );
             }
-            let other = [OVERFLOW_LABEL_VALUE; L];
-            return self.insert(hasher().hash_one(other), other, false);
+            return self.insert([OVERFLOW_LABEL_VALUE; L], false);
         }
         let series: &'static Series<M, L> = Box::leak(Box::new(Series {
-            hash,
+            hash: hash_of(&values),
             values: values.map(Box::from),
             labels: self.label_pairs(&values).into_boxed_str(),
             metric: M::zero(),
         }));
-        table.insert_unique(hash, series, |s| s.hash);
+        table.insert(series);
         &series.metric
     }
 
@@ -265,7 +306,7 @@ impl<M: Metric, const L: usize> Family<M, L> {
 
     /// Series held now, the overflow one included.
     pub fn len(&self) -> usize {
-        self.read().len()
+        self.read().list.len()
     }
 
     /// True before any series exists.
@@ -273,12 +314,12 @@ impl<M: Metric, const L: usize> Family<M, L> {
         self.len() == 0
     }
 
-    fn read(&self) -> RwLockReadGuard<'_, HashTable<&'static Series<M, L>>> {
+    fn read(&self) -> RwLockReadGuard<'_, Table<M, L>> {
         // A panic elsewhere cannot leave the table half-updated: keep counting.
         self.series.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, HashTable<&'static Series<M, L>>> {
+    fn write(&self) -> RwLockWriteGuard<'_, Table<M, L>> {
         self.series.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -297,7 +338,7 @@ impl<M: Metric, const L: usize> Render for Family<M, L> {
         for set in self.initial {
             self.with(*set);
         }
-        let mut series: Vec<&'static Series<M, L>> = self.read().iter().copied().collect();
+        let mut series = self.read().list.clone();
         series.sort_unstable_by(|a, b| a.values.cmp(&b.values));
         write_header(out, self.name, self.help, M::TYPE);
         for s in series {
@@ -392,6 +433,22 @@ mod tests {
         OTHERS.with(["x"]).inc();
         assert_eq!(OTHERS.len(), 1);
         assert!(rendered(&OTHERS).contains("t_others_total{model=\"other\"} 2\n"));
+    }
+
+    #[test]
+    fn a_large_family_finds_each_set_by_its_hash() {
+        static LARGE: CounterVec<2> = CounterVec::new("t_large_total", "h", ["a", "b"]);
+        for round in 1..=3 {
+            for i in 0..(4 * LINEAR_SCAN_MAX) {
+                LARGE.with([&format!("m{i}"), "x"]).inc();
+                assert_eq!(LARGE.with([&format!("m{i}"), "x"]).get(), round);
+            }
+        }
+        LARGE.with(["ab", "c"]).inc();
+        LARGE.with(["a", "bc"]).add(2);
+        assert_eq!(LARGE.with(["ab", "c"]).get(), 1);
+        assert_eq!(LARGE.with(["a", "bc"]).get(), 2);
+        assert_eq!(LARGE.len(), 4 * LINEAR_SCAN_MAX + 2);
     }
 
     #[test]
