@@ -25,7 +25,7 @@ impl ServeHttp for AdminApp {
             "/metrics" => (
                 200,
                 "text/plain; version=0.0.4",
-                metrics::render().into_bytes(),
+                metrics::render(self.drain.is_draining()).into_bytes(),
             ),
             "/healthz" if self.drain.is_draining() => (503, "text/plain", b"draining\n".to_vec()),
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),

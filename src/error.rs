@@ -185,18 +185,33 @@ pub fn classify(e: &Error) -> Reply {
 }
 
 impl Failure {
-    /// Moves this failure's counter. Called once per failed request, from `fail_to_proxy`.
+    /// The label of `arkgate_failures_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::ConnectionTimeout => "connection_timeout",
+            Failure::ReadTimeout => "read_timeout",
+            Failure::ConnectFailed => "connect_failed",
+            Failure::UpstreamBroken => "upstream_broken",
+            Failure::BadRequest => "bad_request",
+            Failure::BodyTooLarge => "body_too_large",
+            Failure::ClientGone => "client_gone",
+            Failure::Unexpected => "unexpected",
+        }
+    }
+
+    /// Moves this failure's counters. Called once per failed request, from `fail_to_proxy`.
     pub fn count(self) {
         let m = &METRICS;
+        m.failures.with([self.as_str()]).inc();
         match self {
             Failure::ConnectionTimeout => m.connection_timeout.inc(),
             Failure::ReadTimeout => m.read_timeout.inc(),
-            Failure::ConnectFailed => m.connect_failed.inc(),
-            Failure::UpstreamBroken => m.upstream_broken.inc(),
-            Failure::BadRequest => m.bad_request.inc(),
             Failure::BodyTooLarge => m.body_too_large.inc(),
-            Failure::ClientGone => m.client_gone.inc(),
             Failure::Unexpected => m.unexpected_error.inc(),
+            Failure::ConnectFailed
+            | Failure::UpstreamBroken
+            | Failure::BadRequest
+            | Failure::ClientGone => {}
         }
     }
 

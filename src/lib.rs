@@ -18,7 +18,8 @@
 //!   `json_schema` downgrade, the model sniffer.
 //! - [`upstream`]: upstream addresses resolved off the request path, and the peers built from them.
 //! - [`error`]: request-time error types and their single mapping to an HTTP status and JSON body.
-//! - [`metrics`]: counters and histograms in one static, rendered for Prometheus.
+//! - [`metrics`]: counters, gauges and histograms, alone or in bounded labelled families, listed
+//!   in one registry and rendered for Prometheus.
 
 pub mod admin;
 pub mod config;

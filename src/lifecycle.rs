@@ -11,8 +11,6 @@ use pingora::server::{ExecutionPhase, ShutdownWatch};
 use pingora::services::background::BackgroundService;
 use tokio::sync::broadcast;
 
-use crate::metrics::METRICS;
-
 /// Whether this server has begun to shut down or hand over to a new process. One per server (not
 /// per process), so servers embedded side by side in one process drain independently.
 #[derive(Debug, Default)]
@@ -22,7 +20,6 @@ impl DrainSignal {
     /// Marks the server as draining (also shown as the `arkgate_draining` gauge).
     pub fn start(&self) {
         self.0.store(true, Ordering::Relaxed);
-        METRICS.set_draining();
     }
 
     /// True once shutdown or a graceful upgrade has started.

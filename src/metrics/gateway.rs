@@ -1,0 +1,196 @@
+//! The gateway's own metrics in one static, [`METRICS`]: request classes, latencies, upstream
+//! connections, retries and failure counters, body rewrites and traffic.
+//!
+//! Each field is a named metric listed in the registry (`super::REGISTRY`); the request path moves
+//! them with `METRICS.retries.inc()`, `METRICS.count_status(..)`, `METRICS.total_time.observe(..)`.
+
+use super::family::{CounterVec, Named};
+use super::value::{Counter, Gauge, Histogram};
+
+/// The gateway's metrics, named as `/metrics` shows them.
+pub struct Metrics {
+    /// `arkgate_requests_total{class}`: 1xx … 5xx, or `aborted` when no response was sent.
+    pub requests: CounterVec<1>,
+    /// `arkgate_in_flight_requests`.
+    pub in_flight: Named<Gauge>,
+    /// `arkgate_request_duration_seconds`.
+    pub total_time: Named<Histogram>,
+    /// `arkgate_overhead_duration_seconds`: total time minus upstream wait.
+    pub overhead_time: Named<Histogram>,
+    /// `arkgate_upstream_first_byte_seconds`.
+    pub stream_first_byte: Named<Histogram>,
+    /// `arkgate_upstream_connections_new_total`.
+    pub upstream_connections_new: Named<Counter>,
+    /// `arkgate_upstream_connections_reused_total`.
+    pub upstream_connections_reused: Named<Counter>,
+    /// `arkgate_upstream_5xx_total`.
+    pub upstream_5xx: Named<Counter>,
+    /// `arkgate_upstream_connect_failures_total`.
+    pub upstream_connect_failures: Named<Counter>,
+    /// `arkgate_retries_total`.
+    pub retries: Named<Counter>,
+    /// `arkgate_connection_timeout_total` (CONNECTION_TIMEOUT).
+    pub connection_timeout: Named<Counter>,
+    /// `arkgate_read_timeout_total` (READ_TIMEOUT).
+    pub read_timeout: Named<Counter>,
+    /// `arkgate_retry_exhausted_total` (RETRY_EXHAUSTED).
+    pub retry_exhausted: Named<Counter>,
+    /// `arkgate_unexpected_error_total` (UNEXPECTED_ERROR).
+    pub unexpected_error: Named<Counter>,
+    /// `arkgate_failures_total{failure}`: every failed request, by `error::Failure`.
+    pub failures: CounterVec<1>,
+    /// `arkgate_bytes_rewritten_total`.
+    pub bytes_rewritten: Named<Counter>,
+    /// `arkgate_replacements_total`.
+    pub replacements: Named<Counter>,
+    /// `arkgate_structured_downgraded_total`.
+    pub structured_downgraded: Named<Counter>,
+    /// `arkgate_structured_skipped_total`.
+    pub structured_skipped: Named<Counter>,
+    /// `arkgate_body_too_large_total`: requests refused with 413.
+    pub body_too_large: Named<Counter>,
+    /// `arkgate_downstream_bytes_in_total`.
+    pub bytes_in: Named<Counter>,
+    /// `arkgate_downstream_bytes_out_total`.
+    pub bytes_out: Named<Counter>,
+}
+
+/// The status classes of `arkgate_requests_total`, all shown from the first scrape on.
+const CLASSES: [[&str; 1]; 6] = [["1xx"], ["2xx"], ["3xx"], ["4xx"], ["5xx"], ["aborted"]];
+
+/// The failure kinds of `arkgate_failures_total`, as `error::Failure::as_str` names them.
+const FAILURES: [[&str; 1]; 8] = [
+    ["connection_timeout"],
+    ["read_timeout"],
+    ["connect_failed"],
+    ["upstream_broken"],
+    ["bad_request"],
+    ["body_too_large"],
+    ["client_gone"],
+    ["unexpected"],
+];
+
+const fn counter(name: &'static str, help: &'static str) -> Named<Counter> {
+    Named::new(name, help, Counter::new())
+}
+
+const fn histogram(name: &'static str, help: &'static str) -> Named<Histogram> {
+    Named::new(name, help, Histogram::new())
+}
+
+/// The process's metrics.
+pub static METRICS: Metrics = Metrics {
+    requests: CounterVec::new(
+        "arkgate_requests_total",
+        "Requests answered, by status class.",
+        ["class"],
+    )
+    .initial(&CLASSES),
+    in_flight: Named::new(
+        "arkgate_in_flight_requests",
+        "Requests being proxied now.",
+        Gauge::new(),
+    ),
+    total_time: histogram(
+        "arkgate_request_duration_seconds",
+        "Total time per request.",
+    ),
+    overhead_time: histogram(
+        "arkgate_overhead_duration_seconds",
+        "Total time minus time waiting on the upstream.",
+    ),
+    stream_first_byte: histogram(
+        "arkgate_upstream_first_byte_seconds",
+        "Time from request start to the first upstream response byte.",
+    ),
+    upstream_connections_new: counter(
+        "arkgate_upstream_connections_new_total",
+        "Upstream connections opened.",
+    ),
+    upstream_connections_reused: counter(
+        "arkgate_upstream_connections_reused_total",
+        "Requests sent on a pooled upstream connection.",
+    ),
+    upstream_5xx: counter(
+        "arkgate_upstream_5xx_total",
+        "Upstream responses with a 5xx status.",
+    ),
+    upstream_connect_failures: counter(
+        "arkgate_upstream_connect_failures_total",
+        "Failed upstream connection attempts.",
+    ),
+    retries: counter("arkgate_retries_total", "Upstream attempts retried."),
+    connection_timeout: counter(
+        "arkgate_connection_timeout_total",
+        "CONNECTION_TIMEOUT: upstream connect timeouts.",
+    ),
+    read_timeout: counter(
+        "arkgate_read_timeout_total",
+        "READ_TIMEOUT: upstream read/write timeouts.",
+    ),
+    retry_exhausted: counter(
+        "arkgate_retry_exhausted_total",
+        "RETRY_EXHAUSTED: requests that failed after using every retry.",
+    ),
+    unexpected_error: counter(
+        "arkgate_unexpected_error_total",
+        "UNEXPECTED_ERROR: internal errors answered with 500.",
+    ),
+    failures: CounterVec::new(
+        "arkgate_failures_total",
+        "Failed requests, by failure kind (one per request, counted where it is answered).",
+        ["failure"],
+    )
+    .initial(&FAILURES),
+    bytes_rewritten: counter(
+        "arkgate_bytes_rewritten_total",
+        "Body bytes matched by a rewrite rule.",
+    ),
+    replacements: counter(
+        "arkgate_replacements_total",
+        "Rewrite rule replacements made.",
+    ),
+    structured_downgraded: counter(
+        "arkgate_structured_downgraded_total",
+        "json_schema requests downgraded with the schema in a system message.",
+    ),
+    structured_skipped: counter(
+        "arkgate_structured_skipped_total",
+        "Candidate bodies forwarded untouched (invalid JSON or unexpected shape).",
+    ),
+    body_too_large: counter("arkgate_body_too_large_total", "Requests refused with 413."),
+    bytes_in: counter(
+        "arkgate_downstream_bytes_in_total",
+        "Request body bytes read from clients.",
+    ),
+    bytes_out: counter(
+        "arkgate_downstream_bytes_out_total",
+        "Response body bytes sent to clients.",
+    ),
+};
+
+impl Metrics {
+    /// Counts a finished request by status class (0: no response was sent).
+    pub fn count_status(&self, status: u16) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "aborted",
+        };
+        self.requests.with([class]).inc();
+    }
+
+    /// One line for the error log: the four reliability counters.
+    pub fn failure_summary(&self) -> String {
+        format!(
+            "CONNECTION_TIMEOUT={} READ_TIMEOUT={} RETRY_EXHAUSTED={} UNEXPECTED_ERROR={}",
+            self.connection_timeout.get(),
+            self.read_timeout.get(),
+            self.retry_exhausted.get(),
+            self.unexpected_error.get()
+        )
+    }
+}
