@@ -28,15 +28,11 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path();
         let (status, ctype, body) = match path {
-            "/metrics" => (
-                200,
-                "text/plain; version=0.0.4",
-                {
-                    let mut text = metrics::render();
-                    self.upstreams.render_metrics(&mut text);
-                    text.into_bytes()
-                },
-            ),
+            "/metrics" => (200, "text/plain; version=0.0.4", {
+                let mut text = metrics::render();
+                self.upstreams.render_metrics(&mut text);
+                text.into_bytes()
+            }),
             "/healthz" if self.drain.is_draining() => (503, "text/plain", b"draining\n".to_vec()),
             "/healthz" if !self.readiness.is_ready() => {
                 (503, "text/plain", b"warming up\n".to_vec())

@@ -252,8 +252,7 @@ pub(super) fn endpoints(raw: Vec<RawEndpoint>) -> Result<Vec<Endpoint>, ConfigEr
         let prefix = format!("upstream.endpoints[{i}]");
         let name_ok = !e.name.is_empty()
             && e.name.len() <= MAX_NAME_LEN
-            && e
-                .name
+            && e.name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if !name_ok {
@@ -337,7 +336,10 @@ impl RawHealthCheck {
             }
         }
         for (key, v) in [
-            ("upstream.health_check.unhealthy_after", self.unhealthy_after),
+            (
+                "upstream.health_check.unhealthy_after",
+                self.unhealthy_after,
+            ),
             ("upstream.health_check.healthy_after", self.healthy_after),
         ] {
             if v == 0 {
@@ -474,8 +476,13 @@ mod tests {
 
     #[test]
     fn zero_weight_is_rejected() {
-        let e = err(&up("endpoints: [{name: a, base_url: \"http://x\", weight: 0}]"));
-        assert_eq!(e, "upstream.endpoints[0].weight: must be between 1 and 1000");
+        let e = err(&up(
+            "endpoints: [{name: a, base_url: \"http://x\", weight: 0}]",
+        ));
+        assert_eq!(
+            e,
+            "upstream.endpoints[0].weight: must be between 1 and 1000"
+        );
     }
 
     #[test]
@@ -519,7 +526,10 @@ mod tests {
         let e = err(&up("circuit_breaker: {failures: 0}"));
         assert_eq!(e, "upstream.circuit_breaker.failures: must be at least 1");
         let e = err(&up("circuit_breaker: {open_ms: 0}"));
-        assert_eq!(e, "upstream.circuit_breaker.open_ms: must be greater than 0");
+        assert_eq!(
+            e,
+            "upstream.circuit_breaker.open_ms: must be greater than 0"
+        );
     }
 
     #[test]
@@ -530,7 +540,10 @@ mod tests {
             "upstream.health_check.path: `models` must be a path starting with / (no spaces)"
         );
         let e = err(&up("health_check: {interval_ms: 0}"));
-        assert_eq!(e, "upstream.health_check.interval_ms: must be greater than 0");
+        assert_eq!(
+            e,
+            "upstream.health_check.interval_ms: must be greater than 0"
+        );
         let e = err(&up("health_check: {healthy_after: 0}"));
         assert_eq!(e, "upstream.health_check.healthy_after: must be at least 1");
     }

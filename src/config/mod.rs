@@ -48,13 +48,13 @@ use crate::transform::rewrite::RuleSet;
 use crate::transform::structured::Policy;
 
 pub use downstream::Downstream;
+pub use endpoints::{Balance, CircuitBreaker, Endpoint, HealthCheck, Warmup};
 pub use forwarded::Forwarded;
 pub use limits::Limits;
 pub use listen::{Listener, TlsFiles};
 pub use logging::Logging;
 pub use net::Cidr;
 pub use server::Server;
-pub use endpoints::{Balance, CircuitBreaker, Endpoint, HealthCheck, Warmup};
 pub use upstream::{HttpVersion, Upstream, DEFAULT_BASE_URL};
 
 /// A configuration that cannot be used. `main` prints it as one line, after
@@ -259,7 +259,10 @@ pub(crate) mod tests {
         assert_eq!(c.listeners.len(), 1);
         assert_eq!(c.listeners[0].addr, "127.0.0.1:8000".parse().expect("addr"));
         assert!(c.listeners[0].tls.is_none() && !c.listeners[0].h2c);
-        assert_eq!(c.upstream.endpoints[0].hostname, "ark.cn-beijing.volces.com");
+        assert_eq!(
+            c.upstream.endpoints[0].hostname,
+            "ark.cn-beijing.volces.com"
+        );
         assert_eq!(c.limits.max_body_bytes, 10 * 1024 * 1024);
         assert_eq!(c.request_rules.len(), 1);
         assert_eq!(c.response_rules.len(), 1);

@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::endpoints::{
-    self, Balance, CircuitBreaker, Endpoint, HealthCheck, RawBreaker, RawEndpoint,
-    RawHealthCheck, RawWarmup, Warmup, DEFAULT_ENDPOINT_NAME,
+    self, Balance, CircuitBreaker, Endpoint, HealthCheck, RawBreaker, RawEndpoint, RawHealthCheck,
+    RawWarmup, Warmup, DEFAULT_ENDPOINT_NAME,
 };
 use super::ConfigError;
 
@@ -180,7 +180,10 @@ impl RawUpstream {
             failover_on: endpoints::failover_on(self.failover_on)?,
             retry_after_max: Duration::from_secs(self.retry_after_max_s),
             circuit_breaker: self.circuit_breaker.validate()?,
-            health_check: self.health_check.map(RawHealthCheck::validate).transpose()?,
+            health_check: self
+                .health_check
+                .map(RawHealthCheck::validate)
+                .transpose()?,
             warmup: self.warmup.map(RawWarmup::validate).transpose()?,
             max_lifetime: Duration::from_millis(self.max_lifetime_ms),
             http_version: self.http_version,
@@ -209,10 +212,16 @@ mod tests {
     fn minimal_config_gets_ark_defaults() {
         let c = Config::from_yaml(MINIMAL).expect("valid");
         assert!(c.upstream.endpoints[0].tls);
-        assert_eq!(c.upstream.endpoints[0].hostname, "ark.cn-beijing.volces.com");
+        assert_eq!(
+            c.upstream.endpoints[0].hostname,
+            "ark.cn-beijing.volces.com"
+        );
         assert_eq!(c.upstream.endpoints[0].port, 443);
         assert_eq!(c.upstream.endpoints[0].base_path, "/api/v3");
-        assert_eq!(c.upstream.endpoints[0].host_header, "ark.cn-beijing.volces.com");
+        assert_eq!(
+            c.upstream.endpoints[0].host_header,
+            "ark.cn-beijing.volces.com"
+        );
         assert_eq!(c.upstream.connect_timeout, Duration::from_millis(5000));
         assert_eq!(c.upstream.read_timeout, Duration::from_millis(30000));
         assert_eq!(c.upstream.write_timeout, Duration::from_millis(10000));

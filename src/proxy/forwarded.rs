@@ -96,9 +96,7 @@ impl Forwarding {
         };
         req.insert_header("X-Forwarded-For", xff)?;
         if !(trusted && req.headers.contains_key("x-forwarded-proto")) {
-            let tls = session
-                .digest()
-                .is_some_and(|d| d.ssl_digest.is_some());
+            let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
             let proto = if tls { &HTTPS } else { &HTTP };
             req.insert_header("X-Forwarded-Proto", proto.clone())?;
         }

@@ -120,7 +120,11 @@ impl Retries {
             None => match self.upstreams.pick(&st.tried, Instant::now()) {
                 Pick::Endpoint(ep) => (ep, rotation.wrapping_add(attempt)),
                 Pick::Unavailable { retry_after_s } => {
-                    let unresolved = self.upstreams.endpoints().iter().all(|e| e.peers.is_empty());
+                    let unresolved = self
+                        .upstreams
+                        .endpoints()
+                        .iter()
+                        .all(|e| e.peers.is_empty());
                     if unresolved {
                         return Error::e_explain(
                             error::NO_UPSTREAM_ADDRESS,

@@ -18,10 +18,16 @@ pub enum BreakerState {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Inner {
-    Closed { consecutive: u32 },
-    Open { until: Instant },
+    Closed {
+        consecutive: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// `probe`: when the probe request was let through, if one is out.
-    HalfOpen { probe: Option<Instant> },
+    HalfOpen {
+        probe: Option<Instant>,
+    },
 }
 
 /// One endpoint's breaker.

@@ -43,7 +43,10 @@ async fn refresh_loop(ep: Arc<Endpoint>, every: std::time::Duration, mut shutdow
         match ep.peers.refresh().await {
             Ok(n) => {
                 failures = 0;
-                debug!("endpoint {} ({host}) resolved to {n} address(es)", ep.name());
+                debug!(
+                    "endpoint {} ({host}) resolved to {n} address(es)",
+                    ep.name()
+                );
             }
             Err(e) => {
                 failures += 1;

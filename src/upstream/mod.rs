@@ -38,7 +38,9 @@ const UNKNOWN_WAIT: Duration = Duration::from_secs(1);
 pub enum Pick {
     Endpoint(Arc<Endpoint>),
     /// No endpoint can take it: the shortest remaining wait, in whole seconds (≥ 1).
-    Unavailable { retry_after_s: u64 },
+    Unavailable {
+        retry_after_s: u64,
+    },
 }
 
 /// The endpoints of the upstream and the balancing between them.
@@ -334,9 +336,11 @@ mod tests {
     #[test]
     fn a_single_endpoint_is_never_skipped_or_opened() {
         let u = Upstreams::new(
-            &crate::Config::from_yaml("listen: [{addr: \"127.0.0.1:1\"}]\nupstream: {base_url: \"http://127.0.0.1:1\"}")
-                .expect("config")
-                .upstream,
+            &crate::Config::from_yaml(
+                "listen: [{addr: \"127.0.0.1:1\"}]\nupstream: {base_url: \"http://127.0.0.1:1\"}",
+            )
+            .expect("config")
+            .upstream,
         );
         let now = Instant::now();
         let ep = &u.endpoints()[0];
@@ -347,7 +351,11 @@ mod tests {
         assert!(!u.fails_over(429));
         assert_eq!(name(u.pick(&[0], now)), "default");
         assert!(ep.set_healthy(false));
-        assert_eq!(name(u.pick(&[], now)), "none 1", "health checks still apply");
+        assert_eq!(
+            name(u.pick(&[], now)),
+            "none 1",
+            "health checks still apply"
+        );
     }
 
     #[test]
@@ -374,9 +382,21 @@ mod tests {
         u.endpoints()[1].count_failover(FailoverReason::Status429);
         let mut out = String::new();
         u.render_metrics(&mut out);
-        assert!(out.contains("arkgate_upstream_requests_total{endpoint=\"a\",class=\"ok\"} 1\n"), "{out}");
-        assert!(out.contains("arkgate_upstream_state{endpoint=\"b\",state=\"up\"} 1\n"), "{out}");
-        assert!(out.contains("arkgate_upstream_state{endpoint=\"b\",state=\"open\"} 0\n"), "{out}");
-        assert!(out.contains("arkgate_failovers_total{endpoint=\"b\",reason=\"status_429\"} 1\n"), "{out}");
+        assert!(
+            out.contains("arkgate_upstream_requests_total{endpoint=\"a\",class=\"ok\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("arkgate_upstream_state{endpoint=\"b\",state=\"up\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("arkgate_upstream_state{endpoint=\"b\",state=\"open\"} 0\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("arkgate_failovers_total{endpoint=\"b\",reason=\"status_429\"} 1\n"),
+            "{out}"
+        );
     }
 }

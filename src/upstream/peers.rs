@@ -228,7 +228,10 @@ mod tests {
         let p = pool(&["127.0.0.1:1001", "127.0.0.1:1002", "127.0.0.1:1003"]);
         let first = addr_of(&p.peer(7).expect("peer"));
         let retry = addr_of(&p.peer(8).expect("peer"));
-        assert_ne!(first, retry, "a retry must not go back to the address that just failed");
+        assert_ne!(
+            first, retry,
+            "a retry must not go back to the address that just failed"
+        );
         let addrs = p.addresses();
         let i = addrs.iter().position(|a| *a == first).expect("known");
         assert_eq!(retry, addrs[(i + 1) % addrs.len()]);
@@ -261,6 +264,10 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(seen, vec![k0, k0 + 1, k0 + 2], "one new key per 40 ms epoch");
+        assert_eq!(
+            seen,
+            vec![k0, k0 + 1, k0 + 2],
+            "one new key per 40 ms epoch"
+        );
     }
 }

@@ -67,7 +67,10 @@ mod tests {
         assert_eq!(skip_for(Some(b"soon"), now, MAX), DEFAULT_SKIP);
         assert_eq!(skip_for(Some(b"-1"), now, MAX), DEFAULT_SKIP);
         assert_eq!(skip_for(Some(b""), now, MAX), DEFAULT_SKIP);
-        assert_eq!(skip_for(None, now, Duration::from_millis(500)), Duration::from_millis(500));
+        assert_eq!(
+            skip_for(None, now, Duration::from_millis(500)),
+            Duration::from_millis(500)
+        );
     }
 
     proptest! {

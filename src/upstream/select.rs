@@ -100,7 +100,9 @@ mod tests {
     #[test]
     fn smooth_order_spreads_the_heavy_endpoint() {
         let mut rr = SmoothRoundRobin::default();
-        let picks: Vec<usize> = (0..7).map(|_| rr.pick(&up(&[5, 1, 1])).expect("pick")).collect();
+        let picks: Vec<usize> = (0..7)
+            .map(|_| rr.pick(&up(&[5, 1, 1])).expect("pick"))
+            .collect();
         assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0]);
     }
 

@@ -134,7 +134,8 @@ impl<A: ServerApp + Send + Sync + 'static> BackgroundService for Warmer<A> {
         };
         let started = Instant::now();
         let wait = self.upstreams.config().connect_timeout;
-        let per_request = self.upstreams.config().connect_timeout + self.upstreams.config().read_timeout;
+        let per_request =
+            self.upstreams.config().connect_timeout + self.upstreams.config().read_timeout;
         let mut tasks = tokio::task::JoinSet::new();
         for ep in self.upstreams.endpoints() {
             // A host name may not have resolved yet: give it the connect timeout.
@@ -152,7 +153,10 @@ impl<A: ServerApp + Send + Sync + 'static> BackgroundService for Warmer<A> {
                 _ => cfg.connections,
             };
             for k in 0..count {
-                let value = self.upstreams.warmup_token().header_value(ep.index, k % addresses);
+                let value = self
+                    .upstreams
+                    .warmup_token()
+                    .header_value(ep.index, k % addresses);
                 let request = format!(
                     "GET {} HTTP/1.1\r\nHost: arkgate-warmup\r\n{WARMUP_HEADER}: {value}\r\nConnection: close\r\n\r\n",
                     cfg.path
@@ -161,7 +165,8 @@ impl<A: ServerApp + Send + Sync + 'static> BackgroundService for Warmer<A> {
                 let shutdown = shutdown.clone();
                 let name = ep.name().to_string();
                 tasks.spawn(async move {
-                    let r = tokio::time::timeout(per_request, one_request(app, request, shutdown)).await;
+                    let r = tokio::time::timeout(per_request, one_request(app, request, shutdown))
+                        .await;
                     (name, r.unwrap_or_else(|_| Err("timed out".into())))
                 });
             }
