@@ -28,6 +28,9 @@ use crate::proxy::Gateway;
 use crate::upstream::warmup::{Readiness, Warmer};
 use crate::upstream::{DnsRefresher, HealthChecker, Upstreams};
 
+/// A service name and which listeners it takes.
+type ListenerGroup = (&'static str, fn(&Listener) -> bool);
+
 /// The proxy apps, shared by every service (and so is each app's upstream connection pool).
 struct ProxyApps {
     /// HTTP/1.1 and TLS (h2 by ALPN) clients of every listener.
@@ -72,8 +75,7 @@ fn add_proxy_services(
     cfg: &Arc<Config>,
     apps: &ProxyApps,
 ) -> Result<(), ConfigError> {
-    let groups: [(&str, fn(&Listener) -> bool); 2] =
-        [("arkgate", |l| !l.h2c), ("arkgate h2c", |l| l.h2c)];
+    let groups: [ListenerGroup; 2] = [("arkgate", |l| !l.h2c), ("arkgate h2c", |l| l.h2c)];
     for (name, pick) in groups {
         let listeners: Vec<&Listener> = cfg.listeners.iter().filter(|l| pick(l)).collect();
         if listeners.is_empty() {
