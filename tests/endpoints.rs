@@ -560,3 +560,121 @@ async fn send(client: &mut H1Client) -> u16 {
         .await
         .status
 }
+
+#[tokio::test]
+async fn a_429_over_http2_fails_over_for_an_h2c_client_with_the_body_intact() {
+    let certs = TestCerts::generate();
+    let a = MockUpstream::start(
+        MockConfig::new(Proto::H2)
+            .tls(&certs)
+            .name("a")
+            .reply(|_| Reply::full(429, &[("retry-after", "5")], "")),
+    );
+    let b = MockUpstream::start(
+        MockConfig::new(Proto::H2)
+            .tls(&certs)
+            .name("b")
+            .reply(|_| Reply::Echo),
+    );
+    let proxy = proxy("")
+        .endpoints(&endpoints(&[(&a.base_url(""), 1), (&b.base_url(""), 1)]))
+        .trust(&certs)
+        .h2c()
+        .start();
+    let client = H2Client::connect(proxy.addr).await;
+    let body = format!(r#"{{"p":"{}"}}"#, "y".repeat(20 * 1024));
+    let r = client.post_json("/chat/completions", body.as_bytes()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, body.as_bytes());
+    assert_eq!(a.only_request().version, Version::H2);
+    assert_eq!(b.only_request().body, body.as_bytes());
+}
+
+#[tokio::test]
+async fn least_in_flight_sends_new_requests_away_from_a_busy_endpoint() {
+    let certs = TestCerts::generate();
+    let a = MockUpstream::start(MockConfig::h1().name("a").reply(|_| Reply::NeverRespond));
+    let b = MockUpstream::start(MockConfig::new(Proto::Both).tls(&certs).name("b"));
+    let c = MockUpstream::start(MockConfig::new(Proto::H2).tls(&certs).name("c"));
+    let proxy = proxy("")
+        .endpoints(&endpoints(&[
+            (&a.base_url(""), 1),
+            (&b.base_url(""), 1),
+            (&c.base_url(""), 1),
+        ]))
+        .upstream("balance", "least_in_flight")
+        .trust(&certs)
+        .start();
+    let addr = proxy.addr;
+    // Requests until one sticks on a; it stays in flight there.
+    let stuck = tokio::spawn(async move {
+        loop {
+            let r = post_json(addr, "/chat/completions", "{}").await;
+            assert_eq!(r.status, 200, "only the one on a never returns");
+        }
+    });
+    assert!(a.wait_for_requests(1, Duration::from_secs(5)).await);
+    for _ in 0..6 {
+        assert_eq!(post(&proxy, "{}").await.status, 200);
+    }
+    assert_eq!(a.request_count(), 1, "the busy endpoint gets nothing new");
+    assert!(b.request_count() >= 3 && c.request_count() >= 3);
+    stuck.abort();
+}
+
+#[tokio::test]
+async fn warm_up_over_http2_opens_one_connection_per_address() {
+    let certs = TestCerts::generate();
+    let a = MockUpstream::start(MockConfig::new(Proto::H2).tls(&certs).name("a").reply(|r| {
+        if r.target_str() == "/v1/models" {
+            Reply::json("{}")
+        } else {
+            Reply::SlowHeaders(ms(200))
+        }
+    }));
+    let proxy = proxy(&a.base_url("/v1"))
+        .upstream("http_version", "h2")
+        .upstream("warmup", "{connections: 4}")
+        .trust(&certs)
+        .admin()
+        .start();
+    let admin = proxy.admin_addr.expect("admin");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h1(admin, "GET", "/healthz", &[], b"").await.status != 200 {
+        assert!(Instant::now() < deadline, "healthz never became ready");
+        tokio::time::sleep(ms(10)).await;
+    }
+    assert_eq!((a.connections(), a.request_count()), (1, 1));
+    let addr = proxy.addr;
+    let started = Instant::now();
+    assert_eq!(h1(addr, "GET", "/models", &[], b"").await.status, 200);
+    let warm_first = started.elapsed();
+    // Started 10 ms apart (Pingora pops a connection while it opens a stream on it, so a request
+    // in that very instant would dial another); all four are in flight together.
+    let mut concurrent = Vec::new();
+    for _ in 0..4 {
+        concurrent.push(tokio::spawn(async move {
+            post_json(addr, "/chat/completions", "{}").await.status
+        }));
+        tokio::time::sleep(ms(10)).await;
+    }
+    for c in concurrent {
+        assert_eq!(c.await.expect("request"), 200);
+    }
+    assert_eq!(a.connections(), 1, "the streams share the warm connection");
+
+    // The same kind of upstream without warm-up, for the first request's cost (TLS + h2 setup).
+    let cold_mock = MockUpstream::start(MockConfig::new(Proto::H2).tls(&certs).name("cold"));
+    let cold = common::proxy(&cold_mock.base_url("/v1"))
+        .upstream("http_version", "h2")
+        .trust(&certs)
+        .start();
+    let started = Instant::now();
+    assert_eq!(h1(cold.addr, "GET", "/models", &[], b"").await.status, 200);
+    let cold_first = started.elapsed();
+    eprintln!(
+        "first request (TLS HTTP/2 upstream on loopback): warm {:.2} ms, cold {:.2} ms",
+        warm_first.as_secs_f64() * 1e3,
+        cold_first.as_secs_f64() * 1e3
+    );
+}

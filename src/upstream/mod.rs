@@ -49,6 +49,8 @@ pub struct Upstreams {
     endpoints: Vec<Arc<Endpoint>>,
     rr: Mutex<SmoothRoundRobin>,
     rotation: AtomicUsize,
+    /// Turns for least-in-flight ties.
+    ties: AtomicUsize,
     warmup_token: warmup::WarmupToken,
 }
 
@@ -64,6 +66,7 @@ impl Upstreams {
             endpoints,
             rr: Mutex::new(SmoothRoundRobin::default()),
             rotation: AtomicUsize::new(0),
+            ties: AtomicUsize::new(0),
             warmup_token: warmup::WarmupToken::new(),
         })
     }
@@ -150,7 +153,7 @@ impl Upstreams {
     fn choose(&self, set: &[Candidate]) -> Option<usize> {
         match self.cfg.balance {
             Balance::RoundRobin => self.rr.lock().unwrap_or_else(|p| p.into_inner()).pick(set),
-            Balance::LeastInFlight => select::least_in_flight(set, self.rotation()),
+            Balance::LeastInFlight => select::least_in_flight(set, self.ties.fetch_add(1, Relaxed)),
         }
     }
 

@@ -48,37 +48,28 @@ impl SmoothRoundRobin {
 }
 
 /// The available candidate whose load, with this request added, is lowest relative to its
-/// weight: `(in_flight + 1) / weight`, compared without division. Ties go to the first one at
-/// or after `rotation` (mod the count), so equal endpoints share the traffic. With every
-/// endpoint idle this favours the heaviest; under load it keeps in-flight counts proportional
-/// to the weights.
+/// weight: `(in_flight + 1) / weight`, compared without division. Ties are shared in turn:
+/// the `rotation`-th (mod their count) of the tied candidates wins, so equal endpoints take
+/// equal shares. With every endpoint idle this favours the heaviest; under load it keeps
+/// in-flight counts proportional to the weights.
 pub fn least_in_flight(candidates: &[Candidate], rotation: usize) -> Option<usize> {
-    let n = candidates.len();
-    if n == 0 {
-        return None;
-    }
-    let mut best: Option<usize> = None;
-    for k in 0..n {
-        let i = (rotation % n + k) % n;
-        let c = &candidates[i];
-        if !c.available {
-            continue;
-        }
-        let better = match best {
-            None => true,
-            Some(b) => {
-                let cb = &candidates[b];
-                // (c.in_flight+1)/c.weight < (cb.in_flight+1)/cb.weight
-                let lhs = (c.in_flight as u128 + 1) * u128::from(cb.weight.max(1));
-                let rhs = (cb.in_flight as u128 + 1) * u128::from(c.weight.max(1));
-                lhs < rhs
-            }
-        };
-        if better {
-            best = Some(i);
-        }
-    }
-    best
+    // (a.in_flight+1)/a.weight vs (b.in_flight+1)/b.weight, cross-multiplied.
+    let cmp = |a: &Candidate, b: &Candidate| {
+        let lhs = (a.in_flight as u128 + 1) * u128::from(b.weight.max(1));
+        let rhs = (b.in_flight as u128 + 1) * u128::from(a.weight.max(1));
+        lhs.cmp(&rhs)
+    };
+    let best = candidates
+        .iter()
+        .filter(|c| c.available)
+        .min_by(|a, b| cmp(a, b))?;
+    let tied: Vec<usize> = candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.available && cmp(c, best).is_eq())
+        .map(|(i, _)| i)
+        .collect();
+    tied.get(rotation % tied.len().max(1)).copied()
 }
 
 #[cfg(test)]
@@ -135,6 +126,14 @@ mod tests {
         let c = up(&[1, 1, 1]);
         let picks: Vec<_> = (0..3).map(|r| least_in_flight(&c, r)).collect();
         assert_eq!(picks, vec![Some(0), Some(1), Some(2)]);
+    }
+
+    #[test]
+    fn a_busy_endpoint_does_not_bias_the_tie_between_the_others() {
+        let mut c = up(&[1, 1, 1]);
+        c[0].in_flight = 1;
+        let picks: Vec<_> = (0..4).map(|r| least_in_flight(&c, r)).collect();
+        assert_eq!(picks, vec![Some(1), Some(2), Some(1), Some(2)]);
     }
 
     proptest! {
