@@ -116,6 +116,15 @@ async fn a_429_with_retry_after_goes_to_the_other_endpoint_which_then_takes_ever
     let view = endpoint_view(&proxy, "a").await;
     assert!(view["skip_until"].is_string(), "{view}");
     assert_eq!(view["failovers"]["status_429"], 1, "{view}");
+    let admin = proxy.admin_addr.expect("admin");
+    let metrics = h1(admin, "GET", "/metrics", &[], b"").await.text();
+    for line in [
+        "arkgate_failovers_total{endpoint=\"a\",reason=\"status_429\"} 1",
+        "arkgate_upstream_requests_total{endpoint=\"b\",class=\"ok\"} 7",
+        "arkgate_upstream_state{endpoint=\"a\",state=\"up\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics");
+    }
     eprintln!(
         "failover 429 on a -> 200 from b: {:.2} ms (direct request to b: {:.2} ms; reached a after {:.2} ms, b {:.2} ms after a)",
         failover.as_secs_f64() * 1e3,
