@@ -10,8 +10,9 @@
 //!
 //! Body replay is Pingora's retry buffer (64 KiB of raw request body): a larger body cannot be
 //! sent again, so such a response is passed through to the client and counted as
-//! `body_not_replayable`. Held bodies (structured output that must see the whole body) are
-//! replayed only through the same buffer, so they follow the same rule.
+//! `body_not_replayable`. A body the body stage holds until complete (its `Hold` plan)
+//! is not replayable at all, so such a response passes through too; a body it read ahead and
+//! replaced is substituted on every attempt, within the same 64 KiB rule.
 //!
 //! Every attempt's outcome feeds the endpoint's circuit breaker here too: an answer below 500
 //! is a success, a 5xx a failure.
@@ -73,12 +74,7 @@ impl Failover {
     }
 
     /// The decision, without Pingora's session (the retry buffer's state is `replayable`).
-    pub fn decide(
-        &self,
-        resp: &ResponseHeader,
-        st: &mut AttemptState,
-        replayable: bool,
-    ) -> Decision {
+    fn decide(&self, resp: &ResponseHeader, st: &mut AttemptState, replayable: bool) -> Decision {
         let Some(ep) = st.endpoint().cloned() else {
             return Decision::Forward;
         };
