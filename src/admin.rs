@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics` (Prometheus text) and `/healthz` (200, or 503 while draining).
+//! The admin listener: `/metrics` (Prometheus text), `/healthz` (200; 503 while draining or
+//! until the warm-up is done) and `/upstreams` (the endpoints' state as JSON).
 //!
 //! It listens on its own address (loopback by default) and never proxies anything.
 
@@ -11,10 +12,15 @@ use pingora::protocols::http::ServerSession;
 
 use crate::lifecycle::DrainSignal;
 use crate::metrics;
+use crate::upstream::warmup::Readiness;
+use crate::upstream::Upstreams;
 
-/// The admin listener: `/metrics` (Prometheus text) and `/healthz` (200, or 503 while draining).
+/// The admin listener: `/metrics`, `/healthz`, `/upstreams`.
 pub struct AdminApp {
     pub drain: Arc<DrainSignal>,
+    pub upstreams: Arc<Upstreams>,
+    /// `/healthz` answers 503 until the warm-up is done (or its time is up).
+    pub readiness: Arc<Readiness>,
 }
 
 #[async_trait]
@@ -22,12 +28,20 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path();
         let (status, ctype, body) = match path {
-            "/metrics" => (
-                200,
-                "text/plain; version=0.0.4",
-                metrics::render(self.drain.is_draining()).into_bytes(),
-            ),
+            "/metrics" => (200, "text/plain; version=0.0.4", {
+                let mut text = metrics::render(self.drain.is_draining());
+                self.upstreams.render_metrics(&mut text);
+                text.into_bytes()
+            }),
             "/healthz" if self.drain.is_draining() => (503, "text/plain", b"draining\n".to_vec()),
+            "/healthz" if !self.readiness.is_ready() => {
+                (503, "text/plain", b"warming up\n".to_vec())
+            }
+            "/upstreams" => (
+                200,
+                "application/json",
+                self.upstreams.status_json().to_string().into_bytes(),
+            ),
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
             _ => (404, "text/plain", b"not found\n".to_vec()),
         };

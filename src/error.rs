@@ -20,6 +20,11 @@ pub const BODY_TOO_LARGE: ErrorType = ErrorType::Custom("BodyTooLarge");
 pub const DEADLINE_EXCEEDED: ErrorType = ErrorType::Custom("DeadlineExceeded");
 /// DNS has not produced any address for the upstream host (yet).
 pub const NO_UPSTREAM_ADDRESS: ErrorType = ErrorType::Custom("NoUpstreamAddress");
+/// An endpoint answered a status in `upstream.failover_on`: the request goes to another one.
+/// Retried by Pingora; it reaches a client only if the retry budget runs out.
+pub const UPSTREAM_FAILOVER: ErrorType = ErrorType::Custom("UpstreamFailover");
+/// Every endpoint is skipped, open or down: 503 with `Retry-After`.
+pub const NO_ENDPOINT_AVAILABLE: ErrorType = ErrorType::Custom("NoEndpointAvailable");
 /// The request has more header fields or header bytes than `downstream.max_headers` /
 /// `downstream.max_header_bytes` allow.
 pub const HEADERS_TOO_LARGE: ErrorType = ErrorType::HTTPStatus(431);
@@ -97,6 +102,13 @@ const NO_ADDRESS_REPLY: Reply = reply(
     "the upstream host could not be resolved",
     Failure::ConnectFailed,
 );
+const UNAVAILABLE_REPLY: Reply = reply(
+    503,
+    PROXY,
+    "upstream_unavailable",
+    "no upstream endpoint is available; retry later",
+    Failure::ConnectFailed,
+);
 const CONNECT_TIMEOUT_REPLY: Reply = reply(
     504,
     PROXY,
@@ -155,6 +167,9 @@ pub fn classify(e: &Error) -> Reply {
         _ if *etype == BODY_TOO_LARGE => return BODY_TOO_LARGE_REPLY,
         _ if *etype == DEADLINE_EXCEEDED => return DEADLINE_REPLY,
         _ if *etype == NO_UPSTREAM_ADDRESS => return NO_ADDRESS_REPLY,
+        _ if *etype == NO_ENDPOINT_AVAILABLE || *etype == UPSTREAM_FAILOVER => {
+            return UNAVAILABLE_REPLY
+        }
         _ => {}
     }
     match (etype, e.esource()) {
@@ -223,8 +238,9 @@ impl Failure {
 
 /// Writes `reply` as the JSON error response, unless a response has already started (a failure
 /// mid-stream): then nothing is written and the connection is ended, so the client sees an
-/// error instead of a clean but truncated body. Returns the status written (0: none).
-pub async fn respond(session: &mut Session, reply: &Reply) -> u16 {
+/// error instead of a clean but truncated body. `retry_after_s` adds a `Retry-After` header.
+/// Returns the status written (0: none).
+pub async fn respond(session: &mut Session, reply: &Reply, retry_after_s: Option<u64>) -> u16 {
     if reply.status == 0 {
         return 0;
     }
@@ -235,8 +251,11 @@ pub async fn respond(session: &mut Session, reply: &Reply) -> u16 {
         return 0;
     }
     let body = reply.body();
-    if let Ok(mut resp) = ResponseHeader::build(reply.status, Some(3)) {
+    if let Ok(mut resp) = ResponseHeader::build(reply.status, Some(4)) {
         let _ = resp.insert_header(header::CONTENT_TYPE, "application/json");
+        if let Some(secs) = retry_after_s {
+            let _ = resp.insert_header(header::RETRY_AFTER, secs.to_string());
+        }
         let _ = resp.insert_header(header::CONTENT_LENGTH, body.len().to_string());
         let _ = session
             .as_downstream_mut()
@@ -283,6 +302,8 @@ mod tests {
         assert_eq!(status_of(DEADLINE_EXCEEDED, Internal), 504);
         assert_eq!(status_of(InternalError, Internal), 500);
         assert_eq!(status_of(NO_UPSTREAM_ADDRESS, Internal), 502);
+        assert_eq!(status_of(NO_ENDPOINT_AVAILABLE, Internal), 503);
+        assert_eq!(status_of(UPSTREAM_FAILOVER, Upstream), 503);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! arkgate: an edge proxy for OpenAI-compatible LLM APIs (Volcengine ARK), built on Pingora.
 //!
-//! It forwards every request to the configured upstream base URL, rewrites request and response
-//! bodies by byte rules while they stream, or hands the model a `json_schema` in a system message
+//! It forwards every request to the configured upstream endpoints (failing over between them),
+//! rewrites request and response bodies by byte rules while they stream, or hands the model a `json_schema` in a system message
 //! (see [`transform::structured`]), and answers failures with OpenAI-style JSON errors.
 //!
 //! # Layout
@@ -9,14 +9,15 @@
 //!   `Config`; every file check (certificates, CA bundle) in `config::files`.
 //! - [`server`]: builds the Pingora server and its services from a `Config`.
 //! - [`lifecycle`]: the per-server drain signal and the watcher that sets it.
-//! - [`admin`]: the admin listener (`/metrics`, `/healthz`).
+//! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/upstreams`).
 //! - [`downstream`]: client connections around the proxy: first-request deadline, h2c sniffing,
 //!   and the deferred cleanup that makes graceful upgrades lossless.
 //! - [`proxy`]: the `ProxyHttp` implementation: each hook calls the stages (client, limits,
 //!   body, retry, forwarded, observe, access log), one file each with its slice of the context.
 //! - [`transform`]: pure body transforms: the streaming byte replacer, the schema-aware
 //!   `json_schema` downgrade, the model sniffer.
-//! - [`upstream`]: upstream addresses resolved off the request path, and the peers built from them.
+//! - [`upstream`]: the endpoints (selection, circuit breaker, health checks, warm-up, DNS,
+//!   peers), all off the request path.
 //! - [`error`]: request-time error types and their single mapping to an HTTP status and JSON body.
 //! - [`metrics`]: counters, gauges and histograms, alone or in bounded labelled families, listed
 //!   in one registry and rendered for Prometheus.

@@ -1,12 +1,19 @@
 //! Server assembly: turns a validated [`Config`] into a Pingora [`Server`] with its services.
 //!
 //! Everything that can fail (certificates, addresses) is checked here, before `bootstrap()`, so
-//! `arkgate -t` validates all of it. Services: the proxy (one per listener group), the DNS
-//! refresher, the drain watcher ([`crate::lifecycle`]), and the admin listener ([`crate::admin`]).
+//! `arkgate -t` validates all of it. Services: the proxy (plain and TLS listeners; h2c
+//! listeners), the DNS refresher, the health checks, the warm-up ([`crate::upstream`]), the
+//! drain watcher ([`crate::lifecycle`]), and the admin listener ([`crate::admin`]).
+//!
+//! One upstream connection pool: Pingora's pool lives inside each `HttpProxy`, so every
+//! service shares one proxy app. Plain and TLS clients use the same app (whether a client is
+//! TLS is read from its connection, not from the service); only h2c clients need a second app,
+//! because Pingora's h2c switch is a setting of the app.
 
 use std::sync::Arc;
 
 use pingora::apps::HttpServerOptions;
+use pingora::connectors::ConnectorOptions;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -18,10 +25,20 @@ use crate::config::{Config, ConfigError, Listener};
 use crate::downstream::ConnectionPolicy;
 use crate::lifecycle::{DrainSignal, DrainWatcher};
 use crate::proxy::Gateway;
-use crate::upstream::{DnsRefresher, UpstreamPool};
+use crate::upstream::warmup::{Readiness, Warmer};
+use crate::upstream::{DnsRefresher, HealthChecker, Upstreams};
 
-/// A service name, which listeners it takes, and whether they are TLS.
-type ListenerGroup = (&'static str, fn(&Listener) -> bool, bool);
+/// A service name and which listeners it takes.
+type ListenerGroup = (&'static str, fn(&Listener) -> bool);
+
+/// The proxy apps, shared by every service (and so is each app's upstream connection pool).
+struct ProxyApps {
+    /// HTTP/1.1 and TLS (h2 by ALPN) clients of every listener.
+    main: Arc<HttpProxy<Gateway>>,
+    /// h2c clients (prior knowledge), when a listener allows them: Pingora's h2c switch is
+    /// per app, so they need an app (and a pool) of their own.
+    h2c: Option<Arc<HttpProxy<Gateway>>>,
+}
 
 /// Builds the server and all its services. Does not bind or fork: `main` (or a test) calls
 /// `bootstrap()` and `run*()` afterwards.
@@ -32,42 +49,45 @@ pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
     let conf = server_conf(&cfg);
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     let cfg = Arc::new(cfg);
-    let pool = UpstreamPool::new(cfg.upstream.clone());
+    let upstreams = Upstreams::new(&cfg.upstream);
     let drain = Arc::new(DrainSignal::default());
-    if cfg.upstream.tls && !cfg.upstream.tls_verify {
+    let any_tls = cfg.upstream.endpoints.iter().any(|e| e.tls);
+    if any_tls && !cfg.upstream.tls_verify {
         log::warn!("upstream certificate verification is OFF (upstream.tls_verify: false)");
     }
-    add_proxy_services(&mut server, &cfg, &pool, &drain)?;
-    add_support_services(&mut server, &cfg, &pool, drain);
+    let build = |h2c: bool| {
+        let gateway = Gateway::new(cfg.clone(), upstreams.clone(), drain.clone());
+        proxy_app(&server, &cfg, gateway, h2c)
+    };
+    let apps = ProxyApps {
+        main: build(false),
+        h2c: cfg.listeners.iter().any(|l| l.h2c).then(|| build(true)),
+    };
+    add_proxy_services(&mut server, &cfg, &apps)?;
+    add_support_services(&mut server, &cfg, &upstreams, &apps, drain);
     Ok(server)
 }
 
-/// The proxy services. Listeners that share server options share a service: plain,
-/// plain+h2c, TLS.
+/// The proxy services: plain and TLS listeners in one, h2c listeners in another (whose
+/// connections go to the h2c app only when they start with the HTTP/2 preface).
 fn add_proxy_services(
     server: &mut Server,
     cfg: &Arc<Config>,
-    pool: &Arc<UpstreamPool>,
-    drain: &Arc<DrainSignal>,
+    apps: &ProxyApps,
 ) -> Result<(), ConfigError> {
-    let groups: [ListenerGroup; 3] = [
-        ("arkgate http", |l| l.tls.is_none() && !l.h2c, false),
-        ("arkgate h2c", |l| l.tls.is_none() && l.h2c, false),
-        ("arkgate tls", |l| l.tls.is_some(), true),
-    ];
-    for (name, pick, tls) in groups {
+    let groups: [ListenerGroup; 2] = [("arkgate", |l| !l.h2c), ("arkgate h2c", |l| l.h2c)];
+    for (name, pick) in groups {
         let listeners: Vec<&Listener> = cfg.listeners.iter().filter(|l| pick(l)).collect();
         if listeners.is_empty() {
             continue;
         }
-        let h2c = listeners.iter().any(|l| l.h2c);
-        let build = |h2c: bool| {
-            let gateway = Gateway::new(cfg.clone(), pool.clone(), drain.clone(), tls);
-            proxy_app(server, cfg, gateway, h2c)
+        let (inner, h1_only) = match (&apps.h2c, listeners.iter().any(|l| l.h2c)) {
+            (Some(h2c), true) => (h2c.clone(), Some(apps.main.clone())),
+            _ => (apps.main.clone(), None),
         };
         let app = ConnectionPolicy {
-            inner: build(h2c),
-            h1_only: h2c.then(|| build(false)),
+            inner,
+            h1_only,
             drain: drain_period(cfg),
             first_request: cfg.downstream.client_timeout,
         };
@@ -106,19 +126,41 @@ fn proxy_app(
     Arc::new(proxy)
 }
 
-/// DNS refresh, the drain watcher and the admin listener.
+/// DNS refresh, health checks, warm-up, the drain watcher and the admin listener.
 fn add_support_services(
     server: &mut Server,
     cfg: &Config,
-    pool: &Arc<UpstreamPool>,
+    upstreams: &Arc<Upstreams>,
+    apps: &ProxyApps,
     drain: Arc<DrainSignal>,
 ) {
-    if pool.needs_dns() {
+    if DnsRefresher::needed(upstreams) {
         server.add_service(background_service(
             "dns refresher",
-            DnsRefresher { pool: pool.clone() },
+            DnsRefresher {
+                upstreams: upstreams.clone(),
+            },
         ));
     }
+    let options = ConnectorOptions::from_server_conf(&server.configuration);
+    if let Some(checker) = HealthChecker::new(upstreams.clone(), options) {
+        server.add_service(background_service("health checks", checker));
+    }
+    let readiness = match &cfg.upstream.warmup {
+        Some(_) => {
+            let readiness = Readiness::waiting(cfg.upstream.connect_timeout);
+            server.add_service(background_service(
+                "warm-up",
+                Warmer {
+                    app: apps.main.clone(),
+                    upstreams: upstreams.clone(),
+                    readiness: readiness.clone(),
+                },
+            ));
+            readiness
+        }
+        None => Readiness::ready(),
+    };
     server.add_service(background_service(
         "drain watcher",
         DrainWatcher {
@@ -127,7 +169,12 @@ fn add_support_services(
         },
     ));
     if let Some(addr) = cfg.admin_addr {
-        let mut admin = Service::new("arkgate admin".to_string(), AdminApp { drain });
+        let app = AdminApp {
+            drain,
+            upstreams: upstreams.clone(),
+            readiness,
+        };
+        let mut admin = Service::new("arkgate admin".to_string(), app);
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);
     }

@@ -8,7 +8,8 @@
 //! `deny_unknown_fields`), its defaults (a `Default` impl, the only way defaults are set), its
 //! validation, and the typed value it produces:
 //! - `listen.rs`: `listen:`, the listeners ([`Listener`], [`TlsFiles`], h2c).
-//! - `upstream.rs`: `upstream:`, the base URL, HTTP version, TLS verification, timeouts ([`Upstream`]).
+//! - `upstream.rs`: `upstream:`, HTTP version, TLS verification, timeouts ([`Upstream`]);
+//!   `endpoints.rs`: its endpoints, balancing, failover, breaker, health checks, warm-up.
 //! - `rules.rs`: `rewrite:`, byte rules compiled into one rule set per direction.
 //! - `structured.rs`: `structured_output:`, the `json_schema` policy.
 //! - `downstream.rs`: `downstream:`, client connections and header limits ([`Downstream`]).
@@ -24,6 +25,7 @@
 
 mod admin;
 mod downstream;
+mod endpoints;
 pub mod files;
 mod forwarded;
 mod limits;
@@ -46,6 +48,7 @@ use crate::transform::rewrite::RuleSet;
 use crate::transform::structured::Policy;
 
 pub use downstream::Downstream;
+pub use endpoints::{Balance, CircuitBreaker, Endpoint, HealthCheck, Warmup};
 pub use forwarded::Forwarded;
 pub use limits::Limits;
 pub use listen::{Listener, TlsFiles};
@@ -256,7 +259,10 @@ pub(crate) mod tests {
         assert_eq!(c.listeners.len(), 1);
         assert_eq!(c.listeners[0].addr, "127.0.0.1:8000".parse().expect("addr"));
         assert!(c.listeners[0].tls.is_none() && !c.listeners[0].h2c);
-        assert_eq!(c.upstream.hostname, "ark.cn-beijing.volces.com");
+        assert_eq!(
+            c.upstream.endpoints[0].hostname,
+            "ark.cn-beijing.volces.com"
+        );
         assert_eq!(c.limits.max_body_bytes, 10 * 1024 * 1024);
         assert_eq!(c.request_rules.len(), 1);
         assert_eq!(c.response_rules.len(), 1);

@@ -1,15 +1,18 @@
-//! The `upstream:` section: where requests go (the base URL) and how (HTTP version, TLS
-//! verification, timeouts, retries).
+//! The `upstream:` section: where requests go (the base URL or the endpoints, see
+//! `endpoints.rs`) and how (HTTP version, TLS verification, timeouts, retries).
 //!
 //! Whether `ca_file` can be used is checked in [`super::files`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http::HeaderValue;
 use serde::Deserialize;
 
-use super::{net, ConfigError};
+use super::endpoints::{
+    self, Balance, CircuitBreaker, Endpoint, HealthCheck, RawBreaker, RawEndpoint, RawHealthCheck,
+    RawWarmup, Warmup, DEFAULT_ENDPOINT_NAME,
+};
+use super::ConfigError;
 
 /// The default upstream: Volcengine ARK, Beijing region, OpenAI-compatible API root.
 pub const DEFAULT_BASE_URL: &str = "https://ark.cn-beijing.volces.com/api/v3";
@@ -18,9 +21,18 @@ pub const DEFAULT_BASE_URL: &str = "https://ark.cn-beijing.volces.com/api/v3";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawUpstream {
-    base_url: String,
+    /// None: [`DEFAULT_BASE_URL`], unless `endpoints` is set.
+    base_url: Option<String>,
     /// None: derived from the base URL.
     host: Option<String>,
+    endpoints: Option<Vec<RawEndpoint>>,
+    balance: Balance,
+    failover_on: Vec<u16>,
+    retry_after_max_s: u64,
+    circuit_breaker: RawBreaker,
+    health_check: Option<RawHealthCheck>,
+    warmup: Option<RawWarmup>,
+    max_lifetime_ms: u64,
     http_version: HttpVersion,
     tls_verify: bool,
     ca_file: Option<PathBuf>,
@@ -38,8 +50,16 @@ pub(super) struct RawUpstream {
 impl Default for RawUpstream {
     fn default() -> Self {
         RawUpstream {
-            base_url: DEFAULT_BASE_URL.to_string(),
+            base_url: None,
             host: None,
+            endpoints: None,
+            balance: Balance::RoundRobin,
+            failover_on: vec![429, 503],
+            retry_after_max_s: 60,
+            circuit_breaker: RawBreaker::default(),
+            health_check: None,
+            warmup: None,
+            max_lifetime_ms: 300_000,
             http_version: HttpVersion::Auto,
             tls_verify: true,
             ca_file: None,
@@ -67,17 +87,21 @@ pub enum HttpVersion {
     H2,
 }
 
-/// Where requests go and how.
+/// Where requests go and how. Every setting but the endpoint list applies to all endpoints.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    pub tls: bool,
-    /// Host name or IP literal from the base URL (used for DNS and SNI).
-    pub hostname: String,
-    pub port: u16,
-    /// Path prefix from the base URL, without a trailing slash ("" or "/api/v3").
-    pub base_path: String,
-    /// Host header (and `:authority`) sent upstream.
-    pub host_header: HeaderValue,
+    /// At least one; a single `base_url` is one endpoint named `default`.
+    pub endpoints: Vec<Endpoint>,
+    pub balance: Balance,
+    /// Statuses that say the request was not processed: tried on another endpoint.
+    pub failover_on: Vec<u16>,
+    /// Cap on how long a `Retry-After` keeps an endpoint out of rotation.
+    pub retry_after_max: Duration,
+    pub circuit_breaker: CircuitBreaker,
+    pub health_check: Option<HealthCheck>,
+    pub warmup: Option<Warmup>,
+    /// A pooled connection older than this is not reused.
+    pub max_lifetime: Duration,
     pub http_version: HttpVersion,
     pub tls_verify: bool,
     pub ca_file: Option<PathBuf>,
@@ -91,104 +115,36 @@ pub struct Upstream {
     pub dns_refresh: Duration,
 }
 
-/// The parts of `upstream.base_url`.
-struct BaseUrl {
-    tls: bool,
-    hostname: String,
-    port: u16,
-    base_path: String,
-}
-
-impl BaseUrl {
-    fn parse(url: &str) -> Result<BaseUrl, ConfigError> {
-        let key = "upstream.base_url";
-        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("http://") {
-            (false, r)
-        } else {
-            let why = format!("`{url}` must start with http:// or https://");
-            return Err(ConfigError::invalid(key, why));
-        };
-        if rest.contains(['?', '#']) {
-            return Err(ConfigError::invalid(
-                key,
-                "must not carry a query or fragment",
-            ));
-        }
-        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        if authority.is_empty() || authority.contains('@') {
-            return Err(ConfigError::invalid(
-                key,
-                format!("`{url}` has no usable host"),
-            ));
-        }
-        let (hostname, port) = net::split_host_port(authority, default_port(tls))
-            .ok_or_else(|| ConfigError::invalid(key, format!("bad host:port `{authority}`")))?;
-        Ok(BaseUrl {
-            tls,
-            hostname,
-            port,
-            base_path: path.trim_end_matches('/').to_string(),
-        })
-    }
-
-    /// `Host` as a client would send it for this URL: the port only when it is not the default.
-    fn default_host(&self) -> String {
-        let host = net::bracket_v6(&self.hostname);
-        if self.port == default_port(self.tls) {
-            host
-        } else {
-            format!("{host}:{}", self.port)
-        }
-    }
-}
-
-fn default_port(tls: bool) -> u16 {
-    if tls {
-        443
-    } else {
-        80
-    }
-}
-
 impl RawUpstream {
     pub(super) fn validate(self) -> Result<Upstream, ConfigError> {
-        let url = BaseUrl::parse(&self.base_url)?;
-        let host = self.host.clone().unwrap_or_else(|| url.default_host());
-        let host_header = HeaderValue::from_str(&host).map_err(|_| {
-            ConfigError::invalid(
-                "upstream.host",
-                format!("`{host}` is not a valid header value"),
-            )
-        })?;
-        self.check_numbers()?;
-        Ok(Upstream {
-            tls: url.tls,
-            hostname: url.hostname,
-            port: url.port,
-            base_path: url.base_path,
-            host_header,
-            http_version: self.http_version,
-            tls_verify: self.tls_verify,
-            ca_file: self.ca_file,
-            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
-            read_timeout: Duration::from_millis(self.read_timeout_ms),
-            write_timeout: Duration::from_millis(self.write_timeout_ms),
-            total_timeout: self.total_timeout_ms.map(Duration::from_millis),
-            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
-            max_retries: self.max_retries,
-            max_h2_streams: self.max_h2_streams,
-            dns_refresh: Duration::from_millis(self.dns_refresh_ms),
-        })
-    }
-
-    fn check_numbers(&self) -> Result<(), ConfigError> {
+        let endpoints = match (self.base_url, self.endpoints) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "upstream.endpoints",
+                    "set either upstream.base_url or upstream.endpoints, not both",
+                ))
+            }
+            (_, Some(_)) if self.host.is_some() => {
+                return Err(ConfigError::invalid(
+                    "upstream.host",
+                    "applies to upstream.base_url only; use upstream.endpoints[].host",
+                ))
+            }
+            (_, Some(list)) => endpoints::endpoints(list)?,
+            (url, None) => vec![endpoints::endpoint(
+                "upstream",
+                DEFAULT_ENDPOINT_NAME.to_string(),
+                url.unwrap_or_else(|| DEFAULT_BASE_URL.to_string()),
+                self.host,
+                1,
+            )?],
+        };
         for (key, v) in [
             ("upstream.connect_timeout_ms", self.connect_timeout_ms),
             ("upstream.read_timeout_ms", self.read_timeout_ms),
             ("upstream.write_timeout_ms", self.write_timeout_ms),
             ("upstream.dns_refresh_ms", self.dns_refresh_ms),
+            ("upstream.max_lifetime_ms", self.max_lifetime_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::invalid(key, "must be greater than 0"));
@@ -212,7 +168,36 @@ impl RawUpstream {
                 "must be at most 16",
             ));
         }
-        Ok(())
+        if self.retry_after_max_s == 0 {
+            return Err(ConfigError::invalid(
+                "upstream.retry_after_max_s",
+                "must be at least 1",
+            ));
+        }
+        Ok(Upstream {
+            endpoints,
+            balance: self.balance,
+            failover_on: endpoints::failover_on(self.failover_on)?,
+            retry_after_max: Duration::from_secs(self.retry_after_max_s),
+            circuit_breaker: self.circuit_breaker.validate()?,
+            health_check: self
+                .health_check
+                .map(RawHealthCheck::validate)
+                .transpose()?,
+            warmup: self.warmup.map(RawWarmup::validate).transpose()?,
+            max_lifetime: Duration::from_millis(self.max_lifetime_ms),
+            http_version: self.http_version,
+            tls_verify: self.tls_verify,
+            ca_file: self.ca_file,
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            read_timeout: Duration::from_millis(self.read_timeout_ms),
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
+            total_timeout: self.total_timeout_ms.map(Duration::from_millis),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_retries: self.max_retries,
+            max_h2_streams: self.max_h2_streams,
+            dns_refresh: Duration::from_millis(self.dns_refresh_ms),
+        })
     }
 }
 
@@ -226,11 +211,17 @@ mod tests {
     #[test]
     fn minimal_config_gets_ark_defaults() {
         let c = Config::from_yaml(MINIMAL).expect("valid");
-        assert!(c.upstream.tls);
-        assert_eq!(c.upstream.hostname, "ark.cn-beijing.volces.com");
-        assert_eq!(c.upstream.port, 443);
-        assert_eq!(c.upstream.base_path, "/api/v3");
-        assert_eq!(c.upstream.host_header, "ark.cn-beijing.volces.com");
+        assert!(c.upstream.endpoints[0].tls);
+        assert_eq!(
+            c.upstream.endpoints[0].hostname,
+            "ark.cn-beijing.volces.com"
+        );
+        assert_eq!(c.upstream.endpoints[0].port, 443);
+        assert_eq!(c.upstream.endpoints[0].base_path, "/api/v3");
+        assert_eq!(
+            c.upstream.endpoints[0].host_header,
+            "ark.cn-beijing.volces.com"
+        );
         assert_eq!(c.upstream.connect_timeout, Duration::from_millis(5000));
         assert_eq!(c.upstream.read_timeout, Duration::from_millis(30000));
         assert_eq!(c.upstream.write_timeout, Duration::from_millis(10000));
@@ -243,10 +234,10 @@ mod tests {
             "{MINIMAL}upstream: {{base_url: \"http://127.0.0.1:9000/v1/\"}}\n"
         ))
         .expect("valid");
-        assert!(!c.upstream.tls);
-        assert_eq!(c.upstream.port, 9000);
-        assert_eq!(c.upstream.base_path, "/v1");
-        assert_eq!(c.upstream.host_header, "127.0.0.1:9000");
+        assert!(!c.upstream.endpoints[0].tls);
+        assert_eq!(c.upstream.endpoints[0].port, 9000);
+        assert_eq!(c.upstream.endpoints[0].base_path, "/v1");
+        assert_eq!(c.upstream.endpoints[0].host_header, "127.0.0.1:9000");
     }
 
     #[test]
@@ -255,8 +246,8 @@ mod tests {
             "{MINIMAL}upstream: {{base_url: \"https://[::1]:8443\"}}\n"
         ))
         .expect("valid");
-        assert_eq!(c.upstream.hostname, "::1");
-        assert_eq!(c.upstream.host_header, "[::1]:8443");
+        assert_eq!(c.upstream.endpoints[0].hostname, "::1");
+        assert_eq!(c.upstream.endpoints[0].host_header, "[::1]:8443");
     }
 
     #[test]
@@ -265,8 +256,8 @@ mod tests {
             "{MINIMAL}upstream: {{base_url: \"http://127.0.0.1:9000\", host: \"api.example\"}}\n"
         ))
         .expect("valid");
-        assert_eq!(c.upstream.host_header, "api.example");
-        assert_eq!(c.upstream.base_path, "");
+        assert_eq!(c.upstream.endpoints[0].host_header, "api.example");
+        assert_eq!(c.upstream.endpoints[0].base_path, "");
     }
 
     #[test]

@@ -155,6 +155,8 @@ fn line(session: &Session, ctx: &RequestCtx, status: u16, e: Option<&Error>) -> 
         None => write!(out, " ttfb_ms=-"),
     };
     let a = &ctx.attempt;
+    let endpoint = a.endpoint().map_or("-", |e| e.name());
+    let _ = write!(out, " endpoint={endpoint}");
     let reused = a.reused.map_or("-", |r| if r { "yes" } else { "no" });
     let _ = write!(
         out,

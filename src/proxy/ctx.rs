@@ -13,7 +13,8 @@ use super::retry::AttemptState;
 pub struct RequestCtx {
     /// When the request arrived, when it went upstream and when the upstream answered.
     pub timing: Timing,
-    /// Attempts, the chosen address, the deadline (the `retry` stage).
+    /// Attempts, the chosen endpoint and address, the deadline, the failover state (the `retry`
+    /// and `failover` stages).
     pub attempt: AttemptState,
     /// The body plan and rewriters (the `body` stage).
     pub body: BodyState,

@@ -3,12 +3,14 @@
 //! trusted peer), `Via`, hop-by-hop fields, and the no-buffering hints on SSE responses.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 
 use crate::config::{Cidr, Config};
+use crate::upstream::Endpoint;
 
 static VIA: HeaderValue = HeaderValue::from_static("1.1 arkgate");
 static NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
@@ -16,38 +18,36 @@ static NO: HeaderValue = HeaderValue::from_static("no");
 static HTTP: HeaderValue = HeaderValue::from_static("http");
 static HTTPS: HeaderValue = HeaderValue::from_static("https");
 
-/// Header and target mapping, compiled from `upstream:` and `forwarded:`.
+/// Header and target mapping, compiled from `forwarded:`; the base path and `Host` are the
+/// attempt's endpoint's.
 pub struct Forwarding {
-    base_path: String,
-    host: HeaderValue,
     trusted: Vec<Cidr>,
     via: bool,
-    /// Whether this service's listeners are TLS (for `X-Forwarded-Proto`).
-    tls_listener: bool,
 }
 
 impl Forwarding {
-    pub fn new(cfg: &Config, tls_listener: bool) -> Forwarding {
+    pub fn new(cfg: &Config) -> Forwarding {
         Forwarding {
-            base_path: cfg.upstream.base_path.clone(),
-            host: cfg.upstream.host_header.clone(),
             trusted: cfg.forwarded.trusted_proxies.clone(),
             via: cfg.forwarded.via_header,
-            tls_listener,
         }
     }
 
-    /// The request line and headers as they leave for the upstream.
+    /// The request line and headers as they leave for `endpoint`.
     pub fn upstream_request_filter(
         &self,
         session: &Session,
         req: &mut RequestHeader,
+        endpoint: Option<&Arc<Endpoint>>,
     ) -> Result<()> {
-        let target = upstream_target(&self.base_path, client_target(session.req_header()));
+        let ep = endpoint
+            .map(|e| &e.cfg)
+            .or_err(ErrorType::InternalError, "no endpoint for the attempt")?;
+        let target = upstream_target(&ep.base_path, client_target(session.req_header()));
         let uri =
             http::Uri::try_from(target).or_err(ErrorType::InvalidHTTPHeader, "request target")?;
         req.set_uri(uri);
-        req.insert_header(header::HOST, self.host.clone())?;
+        req.insert_header(header::HOST, ep.host_header.clone())?;
         req.remove_header("proxy-connection");
         self.set_forwarded_headers(session, req)
     }
@@ -96,7 +96,8 @@ impl Forwarding {
         };
         req.insert_header("X-Forwarded-For", xff)?;
         if !(trusted && req.headers.contains_key("x-forwarded-proto")) {
-            let proto = if self.tls_listener { &HTTPS } else { &HTTP };
+            let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+            let proto = if tls { &HTTPS } else { &HTTP };
             req.insert_header("X-Forwarded-Proto", proto.clone())?;
         }
         if !(trusted && req.headers.contains_key("x-real-ip")) {

@@ -6,7 +6,10 @@
 //! - `limits`: header and body limits (431, 400, 413);
 //! - `body`: the body plan (stream, read ahead and replace, hold), structured output, byte rules
 //!   on both bodies, re-framing;
-//! - `retry`: attempts, address choice, backoff, retry decisions, the total deadline;
+//! - `retry`: attempts, endpoint and address choice, backoff, retry decisions, the total
+//!   deadline, the warm-up pin;
+//! - `failover`: a `failover_on` status goes to another endpoint before any byte reaches the
+//!   client; every attempt's outcome feeds the endpoint's circuit breaker;
 //! - `forwarded`: upstream target, `Host`, `X-Forwarded-*`, `Via`, hop-by-hop fields;
 //! - `observe`: request metrics;
 //! - `access_log`: the sampled access line.
@@ -18,6 +21,7 @@ mod access_log;
 mod body;
 mod client;
 mod ctx;
+mod failover;
 mod forwarded;
 mod limits;
 mod observe;
@@ -38,7 +42,7 @@ use crate::config::Config;
 use crate::error::{self, classify};
 use crate::lifecycle::DrainSignal;
 use crate::metrics::METRICS;
-use crate::upstream::UpstreamPool;
+use crate::upstream::Upstreams;
 
 pub use ctx::RequestCtx;
 
@@ -48,24 +52,22 @@ pub struct Gateway {
     limits: limits::Limits,
     body: body::Bodies,
     retry: retry::Retries,
+    failover: failover::Failover,
     forwarded: forwarded::Forwarding,
     access_log: access_log::AccessLog,
 }
 
 impl Gateway {
-    /// Builds the proxy for one listening service.
-    pub fn new(
-        cfg: Arc<Config>,
-        upstream: Arc<UpstreamPool>,
-        drain: Arc<DrainSignal>,
-        tls_listener: bool,
-    ) -> Gateway {
+    /// Builds the proxy (one for every listener: whether a client connection is TLS is read
+    /// from the connection itself).
+    pub fn new(cfg: Arc<Config>, upstreams: Arc<Upstreams>, drain: Arc<DrainSignal>) -> Gateway {
         Gateway {
             client: client::ClientPolicy::new(&cfg, drain),
             limits: limits::Limits::new(&cfg),
             body: body::Bodies::new(&cfg),
-            retry: retry::Retries::new(&cfg, upstream),
-            forwarded: forwarded::Forwarding::new(&cfg, tls_listener),
+            failover: failover::Failover::new(upstreams.clone(), cfg.upstream.max_retries),
+            retry: retry::Retries::new(&cfg, upstreams),
+            forwarded: forwarded::Forwarding::new(&cfg),
             access_log: access_log::AccessLog::new(&cfg),
         }
     }
@@ -86,8 +88,9 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// Runs first for every request: client settings, limits, the body plan.
+    /// Runs first for every request: the warm-up pin, client settings, limits, the body plan.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.retry.request_filter(session, &mut ctx.attempt);
         self.client.request_filter(session);
         let content_length = self.limits.request_filter(session.req_header())?;
         self.body
@@ -96,7 +99,7 @@ impl ProxyHttp for Gateway {
         Ok(false)
     }
 
-    /// Once per attempt: picks an upstream address; backs off before a retry.
+    /// Once per attempt: picks an endpoint and address; backs off before a retry.
     async fn upstream_peer(
         &self,
         _session: &mut Session,
@@ -106,7 +109,8 @@ impl ProxyHttp for Gateway {
         self.retry.upstream_peer(&mut ctx.attempt).await
     }
 
-    /// Nothing was sent: always safe to retry, up to `upstream.max_retries`.
+    /// Nothing was sent: always safe to retry (on another endpoint), up to
+    /// `upstream.max_retries`.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -114,7 +118,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
         e: Box<Error>,
     ) -> Box<Error> {
-        self.retry.fail_to_connect(&ctx.attempt, e)
+        self.retry.fail_to_connect(&mut ctx.attempt, e)
     }
 
     async fn connected_to_upstream(
@@ -137,7 +141,8 @@ impl ProxyHttp for Gateway {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        self.forwarded.upstream_request_filter(session, req)?;
+        self.forwarded
+            .upstream_request_filter(session, req, ctx.attempt.endpoint())?;
         self.body.upstream_request_filter(req, &ctx.body)?;
         ctx.timing.upstream_sent = Some(Instant::now());
         Ok(())
@@ -158,10 +163,11 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    /// The upstream's response header, before anything is written to the client.
+    /// The upstream's response header, before anything is written to the client: the last
+    /// point where a failover status can still go to another endpoint.
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -174,7 +180,9 @@ impl ProxyHttp for Gateway {
         if resp.status.is_server_error() {
             METRICS.upstream_5xx.inc();
         }
-        Ok(())
+        let replayable = ctx.body.replayable();
+        self.failover
+            .upstream_response_filter(session, resp, &mut ctx.attempt, replayable)
     }
 
     /// The response header on its way to the client.
@@ -232,7 +240,7 @@ impl ProxyHttp for Gateway {
         let e = e.more_context(format!("peer {peer}"));
         let replayable = ctx.body.replayable();
         self.retry
-            .error_while_proxy(session, &ctx.attempt, e, replayable, client_reused)
+            .error_while_proxy(session, &mut ctx.attempt, e, replayable, client_reused)
     }
 
     /// The one place a failure becomes a client response (see [`crate::error::classify`]).
@@ -240,12 +248,12 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let reply = classify(e);
         reply.failure.count();
         FailToProxy {
-            error_code: error::respond(session, &reply).await,
+            error_code: error::respond(session, &reply, ctx.attempt.retry_after_s).await,
             can_reuse_downstream: false,
         }
     }
@@ -253,6 +261,17 @@ impl ProxyHttp for Gateway {
     /// Refused requests (431, 413, …) are the client's doing: no error log line for them.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
         classify(e).failure.is_client_error()
+    }
+
+    /// A failover on a status is routine: no retry warning for it.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        e: &Error,
+        _context: ProxyWarnLogContext,
+    ) -> bool {
+        *e.etype() == error::UPSTREAM_FAILOVER
     }
 
     /// Always last: metrics and the (sampled) access line.

@@ -99,6 +99,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// Replaces `upstream.base_url` with `upstream.endpoints` (a YAML flow list).
+    pub fn endpoints(mut self, yaml_list: &str) -> ProxyBuilder {
+        self.upstream.retain(|(k, _)| k != "base_url");
+        self.upstream("endpoints", yaml_list)
+    }
+
     /// Trusts the test CA for upstream TLS (verification stays on).
     pub fn trust(self, certs: &TestCerts) -> ProxyBuilder {
         let ca = yaml_str(certs.ca());
