@@ -5,6 +5,9 @@
 //! (see [`structured`]), and answers failures with OpenAI-style JSON errors.
 //!
 //! # Layout
+//! - [`cli`]: the command line: the gateway's run flags (handed to Pingora) and the subcommands.
+//! - [`bench`]: `arkgate bench`, a load generator for chat completions endpoints (baseline
+//!   mode, JSON reports, `bench compare`); only that subcommand reaches it.
 //! - [`config`]: the YAML file's shape and its validation into a typed, ready-to-run `Config`.
 //! - [`server`]: builds the Pingora server and its services from a `Config`.
 //! - [`lifecycle`]: the per-server drain signal and the watcher that sets it.
@@ -19,6 +22,8 @@
 //! - [`metrics`]: counters and histograms in one static, rendered for Prometheus.
 
 pub mod admin;
+pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod downstream;
 pub mod error;
