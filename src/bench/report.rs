@@ -149,6 +149,16 @@ pub struct Percentiles {
     pub max: f64,
 }
 
+impl Percentiles {
+    /// The JSON keys, in the order of [`Percentiles::fields`].
+    pub const KEYS: [&'static str; 5] = ["p50", "p90", "p95", "p99", "max"];
+
+    /// The values in the order of [`Percentiles::KEYS`].
+    pub fn fields(&self) -> [f64; 5] {
+        [self.p50, self.p90, self.p95, self.p99, self.max]
+    }
+}
+
 /// A p50/p99 pair in milliseconds (signed where it is a difference).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Pair {
@@ -448,16 +458,10 @@ pub fn compare(a_name: &str, a: &Report, b_name: &str, b: &Report) -> String {
         if pa.is_none() && pb.is_none() {
             continue;
         }
-        let pick = |p: Option<Percentiles>, f: fn(&Percentiles) -> f64| p.as_ref().map(f);
-        let keys: [(&str, fn(&Percentiles) -> f64); 5] = [
-            ("p50", |p| p.p50),
-            ("p90", |p| p.p90),
-            ("p95", |p| p.p95),
-            ("p99", |p| p.p99),
-            ("max", |p| p.max),
-        ];
-        for (k, f) in keys {
-            rows.push((format!("{name}.{k}"), pick(pa, f), pick(pb, f)));
+        let (fa, fb) = (pa.map(|p| p.fields()), pb.map(|p| p.fields()));
+        for i in 0..5 {
+            let key = Percentiles::KEYS[i];
+            rows.push((format!("{name}.{key}"), fa.map(|f| f[i]), fb.map(|f| f[i])));
         }
     }
     if a.tokens_per_s.is_some() || b.tokens_per_s.is_some() {
