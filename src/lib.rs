@@ -5,6 +5,9 @@
 //! (see [`transform::structured`]), and answers failures with OpenAI-style JSON errors.
 //!
 //! # Layout
+//! - [`cli`]: the command line: the gateway's run flags (handed to Pingora) and the subcommands.
+//! - [`bench`]: `arkgate bench`, a load generator for chat completions endpoints (baseline
+//!   mode, JSON reports, `bench compare`); only that subcommand reaches it.
 //! - [`config`]: the YAML file, one file per section, validated into a typed, ready-to-run
 //!   `Config`; every file check (certificates, CA bundle) in `config::files`.
 //! - [`server`]: builds the Pingora server and its services from a `Config`.
@@ -23,6 +26,8 @@
 //!   in one registry and rendered for Prometheus.
 
 pub mod admin;
+pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod downstream;
 pub mod error;

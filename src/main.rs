@@ -1,23 +1,31 @@
-//! The `arkgate` binary: parse the command line, load the config (exit 64 when it is unusable),
-//! build the server, run.
+//! The `arkgate` binary: parse the command line, then either run a tool (`arkgate bench …`) or
+//! load the config (exit 64 when it is unusable), build the server and run it.
 
 use std::process::ExitCode;
 
-use pingora::server::configuration::Opt;
+use arkgate::cli::{Cli, Command, RunArgs};
+use clap::Parser;
 
 /// Exit status for an unusable configuration (EX_USAGE / EX_CONFIG family, as sysexits uses).
 const EXIT_BAD_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let opt = Opt::parse_args();
-    let Some(path) = opt.conf.clone() else {
+    match cli.command {
+        None => run_gateway(&cli.run),
+        Some(Command::Bench(args)) => arkgate::bench::run(args),
+    }
+}
+
+/// Loads the configuration and runs the gateway (or only checks it, with `-t`).
+fn run_gateway(run: &RunArgs) -> ExitCode {
+    let Some(path) = run.conf.clone() else {
         eprintln!("invalid configuration: no config file given (use -c FILE)");
         return ExitCode::from(EXIT_BAD_CONFIG);
     };
-    let test_only = opt.test;
-    let built = arkgate::Config::from_file(std::path::Path::new(&path))
-        .and_then(|cfg| arkgate::server::build_server(cfg, opt));
+    let built = arkgate::Config::from_file(&path)
+        .and_then(|cfg| arkgate::server::build_server(cfg, run.to_pingora_opt()));
     let mut server = match built {
         Ok(s) => s,
         Err(e) => {
@@ -25,8 +33,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    if test_only {
-        println!("configuration {path} is valid");
+    if run.test {
+        println!("configuration {} is valid", path.display());
         return ExitCode::SUCCESS;
     }
     server.bootstrap();
