@@ -17,6 +17,7 @@
 //! - [`upstream`]: upstream addresses resolved off the request path, and the peers built from them.
 //! - [`error`]: request-time error types and their single mapping to an HTTP status and JSON body.
 //! - [`metrics`]: counters and histograms in one static, rendered for Prometheus.
+//! - [`store`]: the one Redis client shared by every feature with a Redis backend.
 
 pub mod admin;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod store;
 pub mod transform;
 pub mod upstream;
 
