@@ -9,6 +9,8 @@
 //! - [`server`]: builds the Pingora server and its services from a `Config`.
 //! - [`lifecycle`]: the per-server drain signal and the watcher that sets it.
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`).
+//! - [`cache`]: the response cache: request keys, stored entries, memory and Redis backends,
+//!   in-flight coalescing.
 //! - [`downstream`]: client connections around the proxy: first-request deadline, h2c sniffing,
 //!   and the deferred cleanup that makes graceful upgrades lossless.
 //! - [`proxy`]: the `ProxyHttp` implementation, hook by hook along a request's path.
@@ -20,6 +22,7 @@
 //! - [`store`]: the one Redis client shared by every feature with a Redis backend.
 
 pub mod admin;
+pub mod cache;
 pub mod config;
 pub mod downstream;
 pub mod error;
