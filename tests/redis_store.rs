@@ -23,7 +23,10 @@ async fn wait_until_answering(store: &RedisStore, limit: Duration) -> Duration {
         if store.get("probe").await.is_ok() {
             return start.elapsed();
         }
-        assert!(start.elapsed() < limit, "Redis did not answer again within {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "Redis did not answer again within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -388,7 +388,11 @@ impl RedisStore {
     fn failed(&self, err: StoreError) -> StoreError {
         self.inner.errors.fetch_add(1, Ordering::Relaxed);
         if err.is_reachability() {
-            let failures = self.inner.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            let failures = self
+                .inner
+                .consecutive_failures
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
             if failures >= FAILURES_BEFORE_BACKOFF {
                 let until = self.now_ms() + BACKOFF.as_millis() as u64;
                 self.inner.skip_until_ms.store(until, Ordering::Relaxed);
@@ -436,14 +440,25 @@ mod tests {
         let err = RedisConfig::new("rediss://h/", "p:", Duration::from_millis(50))
             .expect_err("tls scheme");
         assert!(err.contains("TLS"), "{err}");
-        let err = RedisConfig::new("redis://u:secret@h:notaport/", "p:", Duration::from_millis(5))
-            .expect_err("bad port");
-        assert!(err.starts_with("redis.url:") && !err.contains("secret"), "{err}");
+        let err = RedisConfig::new(
+            "redis://u:secret@h:notaport/",
+            "p:",
+            Duration::from_millis(5),
+        )
+        .expect_err("bad port");
+        assert!(
+            err.starts_with("redis.url:") && !err.contains("secret"),
+            "{err}"
+        );
         let err = RedisConfig::new("redis://127.0.0.1:6379/0", "p:", Duration::ZERO)
             .expect_err("zero timeout");
         assert!(err.starts_with("redis.timeout_ms"), "{err}");
-        let ok = RedisConfig::new("redis://127.0.0.1:6379/0", "arkgate:", Duration::from_millis(50))
-            .expect("valid");
+        let ok = RedisConfig::new(
+            "redis://127.0.0.1:6379/0",
+            "arkgate:",
+            Duration::from_millis(50),
+        )
+        .expect("valid");
         assert_eq!(ok.key_prefix, RedisConfig::DEFAULT_KEY_PREFIX);
     }
 
