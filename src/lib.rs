@@ -1,8 +1,9 @@
 //! arkgate: an edge proxy for OpenAI-compatible LLM APIs (Volcengine ARK), built on Pingora.
 //!
 //! It forwards every request to the configured upstream endpoints (failing over between them),
-//! rewrites request and response bodies by byte rules while they stream, or hands the model a `json_schema` in a system message
-//! (see [`transform::structured`]), and answers failures with OpenAI-style JSON errors.
+//! rewrites request and response bodies by byte rules while they stream, or hands the model a
+//! `json_schema` in a system message (see [`transform::structured`]), and answers failures with
+//! OpenAI-style JSON errors.
 //!
 //! # Layout
 //! - [`cli`]: the command line: the gateway's run flags (handed to Pingora) and the subcommands.
@@ -13,6 +14,8 @@
 //! - [`server`]: builds the Pingora server and its services from a `Config`.
 //! - [`lifecycle`]: the per-server drain signal and the watcher that sets it.
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/upstreams`).
+//! - [`cache`]: the response cache: request keys, stored entries, memory and Redis backends,
+//!   in-flight coalescing.
 //! - [`downstream`]: client connections around the proxy: first-request deadline, h2c sniffing,
 //!   and the deferred cleanup that makes graceful upgrades lossless.
 //! - [`proxy`]: the `ProxyHttp` implementation: each hook calls the stages (client, limits,
@@ -24,9 +27,11 @@
 //! - [`error`]: request-time error types and their single mapping to an HTTP status and JSON body.
 //! - [`metrics`]: counters, gauges and histograms, alone or in bounded labelled families, listed
 //!   in one registry and rendered for Prometheus.
+//! - [`store`]: the one Redis client shared by every feature with a Redis backend.
 
 pub mod admin;
 pub mod bench;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod downstream;
@@ -35,6 +40,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod store;
 pub mod transform;
 pub mod upstream;
 

@@ -28,6 +28,7 @@ pub mod client;
 pub mod mock;
 pub mod process;
 pub mod proxy;
+pub mod redis;
 
 pub use certs::TestCerts;
 pub use client::{
