@@ -550,10 +550,24 @@ struct Envelope<'a> {
     usage: Option<&'a RawValue>,
 }
 
-/// A data event's top-level members, when its data is a JSON object with `"usage"` in it.
+/// A data event's top-level members, when its data is a JSON object that may hold a usage
+/// object ([`may_hold_usage`]); other data is not parsed.
 fn envelope(data: &[u8]) -> Option<Envelope<'_>> {
-    USAGE_KEY.find(data)?;
+    if !may_hold_usage(data) {
+        return None;
+    }
     serde_json::from_slice(data).ok()
+}
+
+/// Whether some `"usage"` in `data` is followed by `:` and `{` (whitespace allowed between), as
+/// a top-level usage object must be. Cheap, and false for DeepSeek/ARK's `"usage":null` on
+/// every chunk, so those events are never parsed.
+fn may_hold_usage(data: &[u8]) -> bool {
+    USAGE_KEY.find_iter(data).any(|at| {
+        let rest = data[at + b"\"usage\"".len()..].trim_ascii_start();
+        rest.strip_prefix(b":")
+            .is_some_and(|value| value.trim_ascii_start().starts_with(b"{"))
+    })
 }
 
 /// Whether an event is the usage-only chunk: its data is a JSON object whose `usage` is an
@@ -1492,6 +1506,28 @@ mod tests {
     }
 
     // --- the usage-only chunk filter ---
+
+    #[test]
+    fn only_a_usage_key_followed_by_an_object_is_worth_parsing() {
+        for yes in [
+            r#"{"usage":{}}"#,
+            "{\"usage\" :\r\n\t{",
+            // Conservative: a nested key passes too (the parse then rejects it).
+            r#"{"usage":null,"x":{"usage":{}}}"#,
+        ] {
+            assert!(may_hold_usage(yes.as_bytes()), "{yes}");
+        }
+        for no in [
+            r#"{"usage":null}"#,
+            r#"{"usage": 5,"u":"\"usage\""}"#,
+            r#"{"usage"}"#,
+            r#""usage":"#,
+            r#"{"usage" null {}"#,
+            "",
+        ] {
+            assert!(!may_hold_usage(no.as_bytes()), "{no}");
+        }
+    }
 
     #[test]
     fn filter_removes_only_the_usage_only_event() {
