@@ -697,7 +697,7 @@ impl SseEvents {
     }
 }
 
-/// Streaming SSE filter that removes the usage-only event (see [`is_usage_only`]: data whose
+/// Streaming SSE filter that removes the usage-only event (data whose
 /// `usage` is an object and whose `choices` is `[]` or absent) from a chat-completion stream.
 ///
 /// Used when the proxy added `include_usage` to a request whose client had not asked for it
