@@ -27,7 +27,7 @@ fn updating_a_known_label_set_allocates_nothing_and_a_new_one_allocates_once() {
         LATENCY.with(["primary"]).observe(Duration::from_micros(i));
         METRICS.count_status(200);
         METRICS.retries.inc();
-        METRICS.total_time.observe(Duration::from_micros(i));
+        METRICS.observe_request(200, Duration::from_micros(i));
     }
     let steady = region.change();
     assert_eq!(steady.allocations, 0, "{steady:?}");

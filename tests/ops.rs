@@ -39,7 +39,10 @@ fn metrics_counters_move_after_a_short_load() {
 
     let before = scrape(admin);
     assert_eq!(before["arkgate_requests_total{class=\"2xx\"}"], 0.0);
-    assert_eq!(before["arkgate_request_duration_seconds_count"], 0.0);
+    assert_eq!(
+        before["arkgate_request_duration_seconds_count{class=\"2xx\"}"],
+        0.0
+    );
 
     // Keep-alive clients, so upstream connections are both opened and reused; every body
     // carries the default rule's `json_schema`, and so does every answer.
@@ -91,12 +94,15 @@ fn metrics_counters_move_after_a_short_load() {
         );
     }
     assert_eq!(m("arkgate_in_flight_requests"), 0.0);
-    assert_eq!(m("arkgate_request_duration_seconds_count"), total);
     assert_eq!(
-        m("arkgate_request_duration_seconds_bucket{le=\"+Inf\"}"),
+        m("arkgate_request_duration_seconds_count{class=\"2xx\"}"),
         total
     );
-    assert!(m("arkgate_request_duration_seconds_sum") > 0.0);
+    assert_eq!(
+        m("arkgate_request_duration_seconds_bucket{class=\"2xx\",le=\"+Inf\"}"),
+        total
+    );
+    assert!(m("arkgate_request_duration_seconds_sum{class=\"2xx\"}") > 0.0);
     assert_eq!(m("arkgate_overhead_duration_seconds_count"), total);
     assert_eq!(m("arkgate_upstream_first_byte_seconds_count"), total);
     let new = m("arkgate_upstream_connections_new_total");

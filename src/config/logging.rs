@@ -11,6 +11,17 @@ pub(super) struct RawLogging {
     sample_rate: f64,
     bodies: bool,
     body_max_bytes: usize,
+    format: LogFormat,
+}
+
+/// How access events are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One `key=value` line per request.
+    Text,
+    /// One JSON object per request and line.
+    Json,
 }
 
 impl Default for RawLogging {
@@ -19,6 +30,7 @@ impl Default for RawLogging {
             sample_rate: 0.01,
             bodies: false,
             body_max_bytes: 1024,
+            format: LogFormat::Text,
         }
     }
 }
@@ -30,6 +42,7 @@ pub struct Logging {
     pub sample_rate: f64,
     pub bodies: bool,
     pub body_max_bytes: usize,
+    pub format: LogFormat,
 }
 
 impl RawLogging {
@@ -44,6 +57,7 @@ impl RawLogging {
             sample_rate: self.sample_rate,
             bodies: self.bodies,
             body_max_bytes: self.body_max_bytes,
+            format: self.format,
         })
     }
 }
@@ -59,6 +73,17 @@ mod tests {
         assert_eq!(l.sample_rate, 0.01);
         assert!(!l.bodies);
         assert_eq!(l.body_max_bytes, 1024);
+    }
+
+    #[test]
+    fn format_is_text_or_json() {
+        let l = Config::from_yaml(MINIMAL).expect("valid").logging;
+        assert_eq!(l.format, super::LogFormat::Text);
+        let json = format!("{MINIMAL}logging: {{format: json}}\n");
+        let l = Config::from_yaml(&json).expect("valid").logging;
+        assert_eq!(l.format, super::LogFormat::Json);
+        let e = err(&format!("{MINIMAL}logging: {{format: xml}}\n"));
+        assert!(e.contains("logging.format") || e.contains("xml"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! - `downstream.rs`: `downstream:`, client connections and header limits ([`Downstream`]).
 //! - `server.rs`: `server:`, Pingora's process settings ([`Server`]).
 //! - `admin.rs`: `admin:`, the admin listener's address.
-//! - `logging.rs`: `logging:`, access-log sampling ([`Logging`]).
+//! - `logging.rs`: `logging:`, access-log sampling and format ([`Logging`]).
+//! - `usage.rs`: `usage:`, how streamed requests are made to report their tokens ([`Usage`]).
 //! - `limits.rs`: `limits:`, request size limits ([`Limits`]).
 //! - `forwarded.rs`: `forwarded:`, trusted proxies and `Via` ([`Forwarded`]).
 //!
@@ -36,6 +37,7 @@ mod rules;
 mod server;
 mod structured;
 mod upstream;
+mod usage;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -52,10 +54,11 @@ pub use endpoints::{Balance, CircuitBreaker, Endpoint, HealthCheck, Warmup};
 pub use forwarded::Forwarded;
 pub use limits::Limits;
 pub use listen::{Listener, TlsFiles};
-pub use logging::Logging;
+pub use logging::{LogFormat, Logging};
 pub use net::Cidr;
 pub use server::Server;
 pub use upstream::{HttpVersion, Upstream, DEFAULT_BASE_URL};
+pub use usage::Usage;
 
 /// A configuration that cannot be used. `main` prints it as one line, after
 /// `invalid configuration: `, and exits 64.
@@ -172,6 +175,8 @@ struct RawConfig {
     forwarded: forwarded::RawForwarded,
     #[serde(default)]
     downstream: downstream::RawDownstream,
+    #[serde(default)]
+    usage: usage::RawUsage,
 }
 
 /// The whole validated configuration.
@@ -191,6 +196,7 @@ pub struct Config {
     pub server: Server,
     pub forwarded: Forwarded,
     pub downstream: Downstream,
+    pub usage: Usage,
 }
 
 impl Config {
@@ -236,6 +242,7 @@ impl RawConfig {
             server: self.server.validate()?,
             forwarded: self.forwarded.validate()?,
             downstream: self.downstream.validate()?,
+            usage: self.usage.validate(),
         })
     }
 }

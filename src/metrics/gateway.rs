@@ -2,19 +2,27 @@
 //! connections, retries and failure counters, body rewrites and traffic.
 //!
 //! Each field is a named metric listed in the registry (`super::REGISTRY`); the request path moves
-//! them with `METRICS.retries.inc()`, `METRICS.count_status(..)`, `METRICS.total_time.observe(..)`.
+//! them with `METRICS.retries.inc()`, `METRICS.count_status(..)`, `METRICS.observe_request(..)`.
 
-use super::family::{CounterVec, Named};
+use super::family::{CounterVec, HistogramVec, Named};
 use super::value::{Counter, Gauge, Histogram};
 
 /// The gateway's metrics, named as `/metrics` shows them.
 pub struct Metrics {
     /// `arkgate_requests_total{class}`: 1xx … 5xx, or `aborted` when no response was sent.
     pub requests: CounterVec<1>,
+    /// `arkgate_upstream_duration_seconds`: from sending the request to the upstream's header.
+    pub upstream_duration: Named<Histogram>,
+    /// `arkgate_ttft_seconds{model}`: arrival to the first SSE data event sent to the client.
+    pub ttft: HistogramVec<1>,
+    /// `arkgate_tokens_total{model,type}`: tokens the upstream reported.
+    pub tokens: CounterVec<2>,
+    /// `arkgate_usage_missing_total`: answers that should have carried usage and did not.
+    pub usage_missing: Named<Counter>,
     /// `arkgate_in_flight_requests`.
     pub in_flight: Named<Gauge>,
-    /// `arkgate_request_duration_seconds`.
-    pub total_time: Named<Histogram>,
+    /// `arkgate_request_duration_seconds{class}`: total time per request, by status class.
+    pub total_time: HistogramVec<1>,
     /// `arkgate_overhead_duration_seconds`: total time minus upstream wait.
     pub overhead_time: Named<Histogram>,
     /// `arkgate_upstream_first_byte_seconds`.
@@ -86,15 +94,35 @@ pub static METRICS: Metrics = Metrics {
         ["class"],
     )
     .initial(&CLASSES),
+    upstream_duration: histogram(
+        "arkgate_upstream_duration_seconds",
+        "Time from sending the request upstream to the upstream's response header.",
+    ),
+    ttft: HistogramVec::new(
+        "arkgate_ttft_seconds",
+        "Time from the request's arrival to the first SSE data event sent to the client.",
+        ["model"],
+    ),
+    tokens: CounterVec::new(
+        "arkgate_tokens_total",
+        "Tokens reported by the upstream's usage, by model and type (prompt, completion).",
+        ["model", "type"],
+    ),
+    usage_missing: counter(
+        "arkgate_usage_missing_total",
+        "Completion or embedding answers (200) without usage (never counted as zero tokens).",
+    ),
     in_flight: Named::new(
         "arkgate_in_flight_requests",
         "Requests being proxied now.",
         Gauge::new(),
     ),
-    total_time: histogram(
+    total_time: HistogramVec::new(
         "arkgate_request_duration_seconds",
-        "Total time per request.",
-    ),
+        "Total time per request, by status class.",
+        ["class"],
+    )
+    .initial(&CLASSES),
     overhead_time: histogram(
         "arkgate_overhead_duration_seconds",
         "Total time minus time waiting on the upstream.",
@@ -172,17 +200,28 @@ pub static METRICS: Metrics = Metrics {
 impl Metrics {
     /// Counts a finished request by status class (0: no response was sent).
     pub fn count_status(&self, status: u16) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            500..=599 => "5xx",
-            _ => "aborted",
-        };
-        self.requests.with([class]).inc();
+        self.requests.with([status_class(status)]).inc();
     }
 
+    /// Records a finished request's total time under its status class.
+    pub fn observe_request(&self, status: u16, total: std::time::Duration) {
+        self.total_time.with([status_class(status)]).observe(total);
+    }
+}
+
+/// The status class label: `1xx` … `5xx`, or `aborted` when no response was sent.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "aborted",
+    }
+}
+
+impl Metrics {
     /// One line for the error log: the four reliability counters.
     pub fn failure_summary(&self) -> String {
         format!(

@@ -41,6 +41,10 @@ pub static REGISTRY: &[&dyn Render] = &[
     &METRICS.total_time,
     &METRICS.overhead_time,
     &METRICS.stream_first_byte,
+    &METRICS.upstream_duration,
+    &METRICS.ttft,
+    &METRICS.tokens,
+    &METRICS.usage_missing,
     &METRICS.upstream_connections_new,
     &METRICS.upstream_connections_reused,
     &METRICS.upstream_5xx,
@@ -97,7 +101,7 @@ mod tests {
             "arkgate_unexpected_error_total",
             "arkgate_requests_total{class=\"2xx\"}",
             "arkgate_requests_total{class=\"aborted\"}",
-            "arkgate_request_duration_seconds_bucket{le=\"+Inf\"}",
+            "arkgate_request_duration_seconds_bucket{class=\"2xx\",le=\"+Inf\"}",
             "arkgate_draining 0\n",
         ] {
             assert!(text.contains(name), "{name} missing");
@@ -134,9 +138,7 @@ mod tests {
 
     #[test]
     fn every_sample_line_is_name_labels_and_a_number() {
-        METRICS
-            .total_time
-            .observe(std::time::Duration::from_millis(3));
+        METRICS.observe_request(200, std::time::Duration::from_millis(3));
         for line in render(false).lines().filter(|l| !l.starts_with('#')) {
             let (series, value) = line.rsplit_once(' ').expect("name and value");
             assert!(value.parse::<f64>().is_ok(), "{line}");

@@ -76,11 +76,15 @@ pub struct Bodies {
     structured: Arc<Policy>,
     request_rules: Arc<RuleSet>,
     response_rules: Arc<RuleSet>,
+    /// Small JSON bodies are read whole: for structured output, or for a later stage.
+    read_whole: bool,
 }
 
 impl Bodies {
-    pub fn new(cfg: &Config) -> Bodies {
+    /// `whole_for_others`: another stage needs small JSON bodies read whole.
+    pub fn new(cfg: &Config, whole_for_others: bool) -> Bodies {
         Bodies {
+            read_whole: cfg.structured.inspects_bodies() || whole_for_others,
             structured: cfg.structured.clone(),
             request_rules: cfg.request_rules.clone(),
             response_rules: cfg.response_rules.clone(),
@@ -96,10 +100,7 @@ impl Bodies {
         limits: &Limits,
     ) -> Result<()> {
         let has_body = !session.as_downstream_mut().is_body_empty();
-        if !self.structured.inspects_bodies()
-            || !has_body
-            || !is_structured_candidate(session.req_header())
-        {
+        if !self.read_whole || !has_body || !is_structured_candidate(session.req_header()) {
             st.mode = self.structured.mode_for(None);
             // A byte rule cannot see through a compressed body: leave it as it is.
             let encoded = is_encoded(&session.req_header().headers);

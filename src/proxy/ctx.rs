@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::access_log::LogState;
 use super::body::BodyState;
 use super::retry::AttemptState;
+use super::usage::UsageState;
 
 /// Per-request state, one field per stage.
 pub struct RequestCtx {
@@ -20,6 +21,8 @@ pub struct RequestCtx {
     pub body: BodyState,
     /// Body samples for the access log (the `access_log` stage).
     pub log: LogState,
+    /// Model, stream flag, usage and time to first token (the `usage` stage).
+    pub usage: UsageState,
 }
 
 /// Timestamps along the request's path; read by the access log and metrics.

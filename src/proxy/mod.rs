@@ -26,6 +26,7 @@ mod forwarded;
 mod limits;
 mod observe;
 mod retry;
+mod usage;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,6 +55,7 @@ pub struct Gateway {
     retry: retry::Retries,
     failover: failover::Failover,
     forwarded: forwarded::Forwarding,
+    usage: usage::UsageStage,
     access_log: access_log::AccessLog,
 }
 
@@ -64,10 +66,11 @@ impl Gateway {
         Gateway {
             client: client::ClientPolicy::new(&cfg, drain),
             limits: limits::Limits::new(&cfg),
-            body: body::Bodies::new(&cfg),
+            body: body::Bodies::new(&cfg, usage::UsageStage::new(&cfg).needs_whole_body()),
             failover: failover::Failover::new(upstreams.clone(), cfg.upstream.max_retries),
             retry: retry::Retries::new(&cfg, upstreams),
             forwarded: forwarded::Forwarding::new(&cfg),
+            usage: usage::UsageStage::new(&cfg),
             access_log: access_log::AccessLog::new(&cfg),
         }
     }
@@ -84,6 +87,7 @@ impl ProxyHttp for Gateway {
             attempt: self.retry.new_state(timing.started),
             body: body::BodyState::default(),
             log: self.access_log.new_state(),
+            usage: usage::UsageState::default(),
             timing,
         }
     }
@@ -96,6 +100,9 @@ impl ProxyHttp for Gateway {
         self.body
             .request_filter(session, &mut ctx.body, content_length, &self.limits)
             .await?;
+        let path = session.req_header().uri.path();
+        self.usage
+            .request_filter(path, &mut ctx.body, &mut ctx.usage);
         Ok(false)
     }
 
@@ -151,7 +158,7 @@ impl ProxyHttp for Gateway {
     /// Each piece of the request body on its way upstream.
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
@@ -159,6 +166,9 @@ impl ProxyHttp for Gateway {
         self.retry.check_deadline(&ctx.attempt)?;
         self.body
             .request_body_filter(body, end_of_stream, &mut ctx.body, &self.limits)?;
+        let path = session.req_header().uri.path();
+        self.usage
+            .request_body_filter(path, body, end_of_stream, &ctx.body, &mut ctx.usage);
         ctx.log.request_chunk(body.as_ref());
         Ok(())
     }
@@ -193,8 +203,11 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let from_upstream = ctx.timing.upstream_status.is_some();
+        self.usage
+            .response_filter(resp, from_upstream, &mut ctx.usage);
         self.body
             .response_filter(session, resp, &mut ctx.body, from_upstream)?;
+        observe::response_filter(resp, &ctx.timing)?;
         self.forwarded.response_filter(resp)
     }
 
@@ -210,6 +223,8 @@ impl ProxyHttp for Gateway {
         if end_of_stream {
             ctx.timing.upstream_done = Some(Instant::now());
         }
+        self.usage
+            .response_body_filter(body, end_of_stream, &mut ctx.usage);
         self.body
             .response_body_filter(body, end_of_stream, &mut ctx.body);
         ctx.log.response_chunk(body.as_ref());
@@ -225,6 +240,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<Option<Bytes>> {
         ctx.timing.upstream_done.get_or_insert_with(Instant::now);
+        self.usage.finish(&mut ctx.usage);
         Ok(self.body.response_trailer_filter(&mut ctx.body))
     }
 
@@ -283,6 +299,7 @@ impl ProxyHttp for Gateway {
             (None, Some(err)) => classify(err).status,
             (None, None) => 0,
         };
+        self.usage.finish(&mut ctx.usage);
         observe::request_done(ctx, status);
         self.access_log.logging(session, ctx, status, e);
     }
