@@ -501,7 +501,7 @@ async fn warm_up_opens_the_connections_before_the_first_request() {
         .filter(|(conn, target)| *conn <= 3 && target == "/v1/chat/completions")
         .count();
     assert!(
-        a.connections() <= 4 && on_warm >= 3,
+        a.connections() <= 4 && on_warm >= 2,
         "client requests reuse the warm connections: {conns:?}"
     );
 

@@ -76,7 +76,7 @@ pub struct Bodies {
     structured: Arc<Policy>,
     request_rules: Arc<RuleSet>,
     response_rules: Arc<RuleSet>,
-    /// Small JSON bodies are read whole: for structured output, or for a later stage.
+    /// Another stage wants small JSON bodies (with a known length) read whole.
     read_whole: bool,
 }
 
@@ -84,7 +84,7 @@ impl Bodies {
     /// `whole_for_others`: another stage needs small JSON bodies read whole.
     pub fn new(cfg: &Config, whole_for_others: bool) -> Bodies {
         Bodies {
-            read_whole: cfg.structured.inspects_bodies() || whole_for_others,
+            read_whole: whole_for_others,
             structured: cfg.structured.clone(),
             request_rules: cfg.request_rules.clone(),
             response_rules: cfg.response_rules.clone(),
@@ -100,7 +100,12 @@ impl Bodies {
         limits: &Limits,
     ) -> Result<()> {
         let has_body = !session.as_downstream_mut().is_body_empty();
-        if !self.read_whole || !has_body || !is_structured_candidate(session.req_header()) {
+        // Structured output needs every candidate body whole (held when it is large); another
+        // stage only gets the small ones with a known length, so the rest still stream and
+        // stay replayable.
+        let small = content_length.is_some_and(|n| n <= PREREAD_LIMIT_BYTES);
+        let wanted = self.structured.inspects_bodies() || self.read_whole && small;
+        if !wanted || !has_body || !is_structured_candidate(session.req_header()) {
             st.mode = self.structured.mode_for(None);
             // A byte rule cannot see through a compressed body: leave it as it is.
             let encoded = is_encoded(&session.req_header().headers);
