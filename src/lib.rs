@@ -11,6 +11,7 @@
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`).
 //! - [`downstream`]: client connections around the proxy: first-request deadline, h2c sniffing,
 //!   and the deferred cleanup that makes graceful upgrades lossless.
+//! - [`policy`]: content policies, compiled once; one pass per side over JSON bodies and SSE.
 //! - [`proxy`]: the `ProxyHttp` implementation, hook by hook along a request's path.
 //! - [`transform`]: pure body transforms: the streaming byte replacer and the schema-aware
 //!   `json_schema` downgrade.
@@ -24,6 +25,7 @@ pub mod downstream;
 pub mod error;
 pub mod lifecycle;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod transform;
