@@ -264,6 +264,9 @@ impl StreamPolicy {
             } else {
                 if self.input.len() > MAX_EVENT_BYTES {
                     self.release_all();
+                    if self.done {
+                        break;
+                    }
                     let raw = self.input.split().freeze();
                     self.scanned = 0;
                     self.out.extend_from_slice(&raw);
@@ -350,6 +353,9 @@ impl StreamPolicy {
         match parse(&raw) {
             Parsed::PassThrough => {
                 self.release_all();
+                if self.done {
+                    return;
+                }
                 self.enqueue(Event {
                     raw,
                     text: None,
@@ -446,11 +452,15 @@ impl StreamPolicy {
     fn release_due(&mut self, now: Instant) {
         let interval = self.settings.flush_interval;
         for ch in 0..self.channels.len() {
+            // A block clears the channels: stop looking at them.
+            if self.done {
+                return;
+            }
             let due = self.channels[ch]
                 .pieces
                 .front()
                 .is_some_and(|p| p.arrived + interval <= now);
-            if due && !self.done {
+            if due {
                 self.settle(ch, Cut::Window(now));
             }
         }

@@ -508,3 +508,14 @@ proptest! {
         prop_assert_eq!(joined, whole.into_owned());
     }
 }
+
+#[test]
+fn only_delta_text_is_matched_not_ids_models_or_tool_arguments() {
+    let event = format!(
+        "data: {{\"id\":\"{KEY}\",\"model\":\"{KEY}\",\"choices\":[{{\"index\":0,\"delta\":{{\"tool_calls\":[{{\"index\":0,\"id\":\"{KEY}\",\"function\":{{\"name\":\"f\",\"arguments\":\"{{\\\"k\\\":\\\"{KEY}\\\"}}\"}}}}]}},\"logprobs\":{{\"content\":[{{\"token\":\"{KEY}\"}}]}}}}]}}\n\n"
+    );
+    let input = [event.as_str(), DONE].concat();
+    let mut f = filter(keys(Action::Block), no_timer());
+    assert_eq!(run(&mut f, &[&input], Instant::now()), input);
+    assert!(f.blocked_by().is_none());
+}
