@@ -24,6 +24,7 @@
 //!   `json_schema` downgrade, the model sniffer.
 //! - [`upstream`]: the endpoints (selection, circuit breaker, health checks, warm-up, DNS,
 //!   peers), all off the request path.
+//! - [`policy`]: content policies, compiled once; one pass per side over JSON bodies and SSE.
 //! - [`error`]: request-time error types and their single mapping to an HTTP status and JSON body.
 //! - [`metrics`]: counters, gauges and histograms, alone or in bounded labelled families, listed
 //!   in one registry and rendered for Prometheus.
@@ -38,6 +39,7 @@ pub mod downstream;
 pub mod error;
 pub mod lifecycle;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod store;
