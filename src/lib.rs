@@ -9,6 +9,8 @@
 //! - [`server`]: builds the Pingora server and its services from a `Config`.
 //! - [`lifecycle`]: the per-server drain signal and the watcher that sets it.
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`).
+//! - [`clients`]: client keys (looked up by SHA-256 in constant time), the upstream key file,
+//!   and the `arkgate key` command.
 //! - [`downstream`]: client connections around the proxy: first-request deadline, h2c sniffing,
 //!   and the deferred cleanup that makes graceful upgrades lossless.
 //! - [`proxy`]: the `ProxyHttp` implementation, hook by hook along a request's path.
@@ -17,15 +19,19 @@
 //! - [`upstream`]: upstream addresses resolved off the request path, and the peers built from them.
 //! - [`error`]: request-time error types and their single mapping to an HTTP status and JSON body.
 //! - [`metrics`]: counters and histograms in one static, rendered for Prometheus.
+//! - [`ratelimit`]: requests and tokens per minute and tokens per day: the pure arithmetic and
+//!   its memory and Redis stores.
 //! - [`store`]: the one Redis client shared by every feature with a Redis backend.
 
 pub mod admin;
+pub mod clients;
 pub mod config;
 pub mod downstream;
 pub mod error;
 pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod transform;

@@ -9,6 +9,9 @@ use pingora::server::configuration::Opt;
 const EXIT_BAD_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    if let Some(code) = arkgate::clients::run_key_command_from_args() {
+        return code;
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let opt = Opt::parse_args();
     let Some(path) = opt.conf.clone() else {
