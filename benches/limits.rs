@@ -29,7 +29,14 @@ fn bench_gcra(c: &mut Criterion) {
     let mut group = c.benchmark_group("gcra");
     let state = Bucket { tat_us: T0 + 1234 };
     group.bench_function("check", |b| {
-        b.iter(|| gcra::check(black_box(state), black_box(T0), black_box(1), black_box(600)))
+        b.iter(|| {
+            gcra::check(
+                black_box(state),
+                black_box(T0),
+                black_box(1),
+                black_box(600),
+            )
+        })
     });
     let full = gcra::State::default();
     group.bench_function("admit_all_three", |b| {
@@ -50,7 +57,9 @@ fn bench_memory(c: &mut Criterion) {
         b.iter(|| store.admit(black_box("key:bench"), &HIGH, black_box(500)))
     });
     let many = MemoryStore::new();
-    let callers: Vec<String> = (0..10_000).map(|i| format!("ip:10.0.{}.{}", i / 256, i % 256)).collect();
+    let callers: Vec<String> = (0..10_000)
+        .map(|i| format!("ip:10.0.{}.{}", i / 256, i % 256))
+        .collect();
     for who in &callers {
         many.admit(who, &HIGH, 1);
     }
@@ -98,7 +107,11 @@ struct Server {
 
 impl Server {
     fn start() -> Option<Self> {
-        let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])

@@ -272,7 +272,11 @@ mod tests {
         assert_eq!(bearer(b"Bearer ak-1"), Some(&b"ak-1"[..]));
         assert_eq!(bearer(b"bearer ak-1"), Some(&b"ak-1"[..]));
         assert_eq!(bearer(b"BEARER   ak-1  "), Some(&b"ak-1"[..]));
-        assert_eq!(bearer(b"  Bearer\tak-1"), None, "the scheme ends with a space");
+        assert_eq!(
+            bearer(b"  Bearer\tak-1"),
+            None,
+            "the scheme ends with a space"
+        );
         assert_eq!(bearer(b"Bearer "), None);
         assert_eq!(bearer(b"Bearer"), None);
         assert_eq!(bearer(b"Basic dXNlcjpwYXNz"), None);
@@ -284,7 +288,9 @@ mod tests {
         let (key, hash) = new_key().expect("OS randomness");
         assert!(key.starts_with(KEY_PREFIX));
         assert_eq!(key.len(), KEY_PREFIX.len() + KEY_DIGITS);
-        assert!(key[KEY_PREFIX.len()..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert!(key[KEY_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric()));
         assert_eq!(hash, hash_key(&key));
         assert_eq!(hash.len(), 64);
         let (other, _) = new_key().expect("OS randomness");

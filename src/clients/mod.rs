@@ -141,7 +141,10 @@ mod tests {
     fn key_new_prints_a_key_and_its_hash() {
         let out = run(&["new"], "").expect("new");
         let mut lines = out.lines();
-        let key = lines.next().and_then(|l| l.strip_prefix("key:        ")).expect("key line");
+        let key = lines
+            .next()
+            .and_then(|l| l.strip_prefix("key:        "))
+            .expect("key line");
         let hash = lines
             .next()
             .and_then(|l| l.strip_prefix("key_sha256: "))
@@ -157,7 +160,9 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
         );
         assert_eq!(run(&["hash"], "  \n"), Err("no key on stdin".to_owned()));
-        assert!(run(&["rotate"], "").expect_err("unknown").starts_with("usage:"));
+        assert!(run(&["rotate"], "")
+            .expect_err("unknown")
+            .starts_with("usage:"));
         assert!(run(&[], "").is_err());
     }
 

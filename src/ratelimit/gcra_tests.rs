@@ -29,7 +29,11 @@ fn a_full_bucket_admits_the_whole_minute_at_once_then_refuses() {
     let refused = check(state, T0, 1, 10);
     assert!(!refused.allowed);
     assert_eq!(refused.remaining, 0);
-    assert_eq!(refused.retry_after_us, 6 * SEC, "one request refills in 6 s");
+    assert_eq!(
+        refused.retry_after_us,
+        6 * SEC,
+        "one request refills in 6 s"
+    );
     assert_eq!(refused.reset_after_us, 60 * SEC, "full again in a minute");
     assert_eq!(refused.new_state, state, "a refusal charges nothing");
 }

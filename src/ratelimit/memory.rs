@@ -180,7 +180,10 @@ mod tests {
         for _ in 0..3 {
             assert!(store.admit_at("a", &rpm(3), 0, T0).allowed);
         }
-        assert_eq!(store.admit_at("a", &rpm(3), 0, T0).refused, Some(Refused::Rpm));
+        assert_eq!(
+            store.admit_at("a", &rpm(3), 0, T0).refused,
+            Some(Refused::Rpm)
+        );
         assert!(store.admit_at("b", &rpm(3), 0, T0).allowed);
         assert_eq!(store.len(), 2);
     }

@@ -195,13 +195,25 @@ pub fn headers(a: &Admission) -> Vec<(&'static str, String)> {
     let mut out = Vec::with_capacity(7);
     if a.requests.limit > 0 {
         out.push(("x-ratelimit-limit-requests", a.requests.limit.to_string()));
-        out.push(("x-ratelimit-remaining-requests", a.requests.remaining.to_string()));
-        out.push(("x-ratelimit-reset-requests", format_reset(a.requests.reset_after)));
+        out.push((
+            "x-ratelimit-remaining-requests",
+            a.requests.remaining.to_string(),
+        ));
+        out.push((
+            "x-ratelimit-reset-requests",
+            format_reset(a.requests.reset_after),
+        ));
     }
     if a.tokens.limit > 0 {
         out.push(("x-ratelimit-limit-tokens", a.tokens.limit.to_string()));
-        out.push(("x-ratelimit-remaining-tokens", a.tokens.remaining.to_string()));
-        out.push(("x-ratelimit-reset-tokens", format_reset(a.tokens.reset_after)));
+        out.push((
+            "x-ratelimit-remaining-tokens",
+            a.tokens.remaining.to_string(),
+        ));
+        out.push((
+            "x-ratelimit-reset-tokens",
+            format_reset(a.tokens.reset_after),
+        ));
     }
     if !a.allowed {
         let secs = a.retry_after.as_micros().div_ceil(1_000_000).max(1);
@@ -325,11 +337,29 @@ mod tests {
             rpm: 2,
             ..Limits::default()
         };
-        assert!(limiter.admit("a", &limits, 0).await.expect("memory").allowed);
-        assert!(limiter.admit("a", &limits, 0).await.expect("memory").allowed);
+        assert!(
+            limiter
+                .admit("a", &limits, 0)
+                .await
+                .expect("memory")
+                .allowed
+        );
+        assert!(
+            limiter
+                .admit("a", &limits, 0)
+                .await
+                .expect("memory")
+                .allowed
+        );
         let third = limiter.admit("a", &limits, 0).await.expect("memory");
         assert_eq!(third.refused, Some(Refused::Rpm));
-        assert!(limiter.admit("b", &limits, 0).await.expect("memory").allowed);
+        assert!(
+            limiter
+                .admit("b", &limits, 0)
+                .await
+                .expect("memory")
+                .allowed
+        );
         limiter
             .settle("a", &limits, &third.reservation, 0)
             .await
