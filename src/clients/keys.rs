@@ -5,9 +5,10 @@
 //! The token is hashed first, and only the 32-byte hashes are compared: a token that shares a
 //! prefix with a valid one has a hash unrelated to that key's, so even a timing difference in
 //! the comparison would tell an attacker nothing about the token. On top of that, every entry
-//! is compared in full with [`subtle`]'s constant-time equality and the match (if any) is picked
-//! with a constant-time select, so the time taken depends only on the number of entries, not on
-//! which entry matched or how many bytes of any hash agreed. The one data-dependent branch is
+//! is compared in full (four 64-bit XORs ORed together, no branch, then [`subtle`]'s
+//! constant-time equality on the result) and the match, if any, is picked with a constant-time
+//! select, so the time taken depends only on the number of entries, not on which entry matched
+//! or how many bytes of any hash agreed. The one data-dependent branch is
 //! the final "found or not", which the response (200 or 401) reveals anyway.
 
 use std::fmt;
@@ -112,9 +113,10 @@ impl KeyTable {
         let hash: [u8; 32] = Sha256::digest(bearer).into();
         // Index + 1 of the match, 0 for none; hashes are unique, so at most one matches.
         let mut found = 0u32;
+        let wanted = words(&hash);
         for (i, key) in self.keys.iter().enumerate() {
             let candidate = u32::try_from(i + 1).unwrap_or(u32::MAX);
-            found.conditional_assign(&candidate, key.hash.ct_eq(&hash));
+            found.conditional_assign(&candidate, same_hash(&words(&key.hash), &wanted));
         }
         let index = usize::try_from(found).ok()?.checked_sub(1)?;
         self.keys.get(index)
@@ -134,6 +136,24 @@ impl KeyTable {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+}
+
+/// A hash as four 64-bit words, so a comparison is four XORs rather than 32 byte steps.
+fn words(hash: &[u8; 32]) -> [u64; 4] {
+    let mut out = [0u64; 4];
+    for (word, bytes) in out.iter_mut().zip(hash.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(bytes);
+        *word = u64::from_le_bytes(b);
+    }
+    out
+}
+
+/// Constant-time equality of two hashes: every word is XORed and the differences ORed together
+/// with no branch, and only the final word goes through [`subtle`]'s constant-time comparison.
+fn same_hash(a: &[u64; 4], b: &[u64; 4]) -> subtle::Choice {
+    let diff = a.iter().zip(b).fold(0u64, |acc, (x, y)| acc | (x ^ y));
+    diff.ct_eq(&0)
 }
 
 /// 64 hex digits (either case) to 32 bytes.
@@ -307,6 +327,20 @@ mod tests {
         assert!(base62(one).ends_with("10"));
         // 2^256 − 1 still fits 43 digits (62^43 > 2^256).
         assert!(!base62([0xff; 32]).starts_with('0'));
+    }
+
+    #[test]
+    fn hashes_differing_in_any_one_byte_are_different() {
+        let base = [0x5au8; 32];
+        assert!(bool::from(same_hash(&words(&base), &words(&base))));
+        for i in 0..32 {
+            let mut other = base;
+            other[i] ^= 0x01;
+            assert!(
+                !bool::from(same_hash(&words(&base), &words(&other))),
+                "byte {i}"
+            );
+        }
     }
 
     #[test]
