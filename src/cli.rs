@@ -88,7 +88,32 @@ impl RunArgs {
 pub enum Command {
     /// Load-test an OpenAI-compatible chat completions endpoint, optionally against a
     /// baseline URL to measure what the gateway adds.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
+    /// Client keys: `new` prints a fresh random key and its key_sha256 for `clients.keys`;
+    /// `hash` reads a key on stdin and prints its key_sha256.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+}
+
+/// What `arkgate key` does.
+#[derive(Debug, Clone, Copy, clap::Subcommand)]
+pub enum KeyAction {
+    /// Print a new random client key and its SHA-256 (the key is shown once; store it safely).
+    New,
+    /// Read a key on stdin and print its SHA-256, for `clients.keys[].key_sha256`.
+    Hash,
+}
+
+impl KeyAction {
+    /// The word `arkgate::clients::key_command` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyAction::New => "new",
+            KeyAction::Hash => "hash",
+        }
+    }
 }
 
 #[cfg(test)]

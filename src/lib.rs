@@ -16,6 +16,8 @@
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/upstreams`).
 //! - [`cache`]: the response cache: request keys, stored entries, memory and Redis backends,
 //!   in-flight coalescing.
+//! - [`clients`]: client keys (looked up by SHA-256 in constant time), the upstream key file,
+//!   and the `arkgate key` command.
 //! - [`downstream`]: client connections around the proxy: first-request deadline, h2c sniffing,
 //!   and the deferred cleanup that makes graceful upgrades lossless.
 //! - [`proxy`]: the `ProxyHttp` implementation: each hook calls the stages (client, limits,
@@ -28,12 +30,15 @@
 //! - [`error`]: request-time error types and their single mapping to an HTTP status and JSON body.
 //! - [`metrics`]: counters, gauges and histograms, alone or in bounded labelled families, listed
 //!   in one registry and rendered for Prometheus.
+//! - [`ratelimit`]: requests and tokens per minute and tokens per day: the pure arithmetic and
+//!   its memory and Redis stores.
 //! - [`store`]: the one Redis client shared by every feature with a Redis backend.
 
 pub mod admin;
 pub mod bench;
 pub mod cache;
 pub mod cli;
+pub mod clients;
 pub mod config;
 pub mod downstream;
 pub mod error;
@@ -41,6 +46,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod transform;

@@ -14,7 +14,21 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match cli.command {
         None => run_gateway(&cli.run),
-        Some(Command::Bench(args)) => arkgate::bench::run(args),
+        Some(Command::Bench(args)) => arkgate::bench::run(*args),
+        Some(Command::Key { action }) => run_key(action),
+    }
+}
+
+/// `arkgate key new|hash`: stdin and stdout only, no config.
+fn run_key(action: arkgate::cli::KeyAction) -> ExitCode {
+    let args = [action.as_str().to_string()];
+    let mut input = std::io::stdin().lock();
+    match arkgate::clients::key_command(&args, &mut input, &mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("arkgate key: {e}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
     }
 }
 
