@@ -58,6 +58,22 @@ fn tokens(m: &HashMap<String, f64>, model: &str, kind: &str) -> f64 {
     m.get(&key).copied().unwrap_or(0.0)
 }
 
+/// `/metrics` once `ready` holds (counters move in the `logging` hook, which runs after the
+/// client already has the whole answer), or after 3 s.
+async fn metrics_when(
+    admin: SocketAddr,
+    ready: impl Fn(&HashMap<String, f64>) -> bool,
+) -> HashMap<String, f64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = metrics(admin).await;
+        if ready(&m) || std::time::Instant::now() > deadline {
+            return m;
+        }
+        tokio::time::sleep(ms(10)).await;
+    }
+}
+
 fn body(model: &str, stream: bool, extra: &str) -> String {
     format!(
         r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"stream":{stream}{extra}}}"#
@@ -77,7 +93,10 @@ async fn tokens_of_json_answers_are_counted_from_the_top_level_usage() {
             "the client's answer is unchanged"
         );
     }
-    let m = metrics(proxy.admin_addr.expect("admin")).await;
+    let m = metrics_when(proxy.admin_addr.expect("admin"), |m| {
+        tokens(m, model, "completion") >= 21.0
+    })
+    .await;
     assert_eq!(tokens(&m, model, "prompt"), 33.0);
     assert_eq!(tokens(&m, model, "completion"), 21.0);
 }
@@ -103,7 +122,10 @@ async fn a_stream_whose_client_did_not_ask_for_usage_is_counted_and_left_as_aske
     let sent = mock.only_request().body_json();
     assert_eq!(sent["stream_options"]["include_usage"], true);
     assert_eq!(sent["model"], model);
-    let m = metrics(proxy.admin_addr.expect("admin")).await;
+    let m = metrics_when(proxy.admin_addr.expect("admin"), |m| {
+        tokens(m, model, "completion") >= 7.0
+    })
+    .await;
     assert_eq!(tokens(&m, model, "prompt"), 11.0);
     assert_eq!(tokens(&m, model, "completion"), 7.0);
 }
@@ -122,7 +144,10 @@ async fn a_stream_whose_client_asked_for_usage_keeps_its_usage_chunk() {
         asked.as_bytes(),
         "body sent as it came"
     );
-    let m = metrics(proxy.admin_addr.expect("admin")).await;
+    let m = metrics_when(proxy.admin_addr.expect("admin"), |m| {
+        tokens(m, model, "completion") >= 7.0
+    })
+    .await;
     assert_eq!(tokens(&m, model, "completion"), 7.0);
 }
 
@@ -154,7 +179,7 @@ async fn an_answer_without_usage_is_counted_as_missing_not_as_zero_tokens() {
     let before = metrics(admin).await["arkgate_usage_missing_total"];
     let r = post_json(proxy.addr, "/chat/completions", &body(model, false, "")).await;
     assert_eq!(r.status, 200);
-    let m = metrics(admin).await;
+    let m = metrics_when(admin, |m| m["arkgate_usage_missing_total"] >= before + 1.0).await;
     assert!(m["arkgate_usage_missing_total"] >= before + 1.0);
     let key = format!("arkgate_tokens_total{{model=\"{model}\",type=\"prompt\"}}");
     assert!(
@@ -170,7 +195,8 @@ async fn time_to_first_token_covers_a_delayed_first_event() {
     let proxy = proxy(&mock.base_url("/v1")).admin().start();
     let r = post_json(proxy.addr, "/chat/completions", &body(model, true, "")).await;
     assert_eq!(r.status, 200);
-    let m = metrics(proxy.admin_addr.expect("admin")).await;
+    let key = format!("arkgate_ttft_seconds_count{{model=\"{model}\"}}");
+    let m = metrics_when(proxy.admin_addr.expect("admin"), |m| m.contains_key(&key)).await;
     let count = m[&format!("arkgate_ttft_seconds_count{{model=\"{model}\"}}")];
     let sum = m[&format!("arkgate_ttft_seconds_sum{{model=\"{model}\"}}")];
     assert_eq!(count, 1.0);
