@@ -19,6 +19,7 @@ fn updating_a_known_label_set_allocates_nothing_and_a_new_one_allocates_once() {
     TOKENS.with(["deepseek-v3", "prompt"]).inc();
     LATENCY.with(["primary"]).observe(Duration::from_millis(1));
     METRICS.count_status(200);
+    METRICS.observe_request(200, Duration::from_millis(1));
     let model = String::from("deepseek-v3");
 
     let region = Region::new(GLOBAL);
