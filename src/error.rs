@@ -6,8 +6,11 @@
 //! error response, called from `fail_to_proxy`. Messages are fixed strings chosen here, so no
 //! internal detail (addresses, OS errors) reaches a client.
 
+use std::borrow::Cow;
+use std::fmt;
+
 use bytes::Bytes;
-use http::header;
+use http::header::{self, HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType};
@@ -30,6 +33,8 @@ pub const NO_ENDPOINT_AVAILABLE: ErrorType = ErrorType::Custom("NoEndpointAvaila
 pub const HEADERS_TOO_LARGE: ErrorType = ErrorType::HTTPStatus(431);
 /// The request's `Content-Length` is not a number.
 pub const BAD_CONTENT_LENGTH: ErrorType = ErrorType::HTTPStatus(400);
+/// A stage refused the request with a [`Reply`] of its own (see [`refuse`]).
+pub const REFUSED: ErrorType = ErrorType::Custom("Refused");
 
 /// Which failure counter an error moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,17 +47,60 @@ pub enum Failure {
     BodyTooLarge,
     ClientGone,
     Unexpected,
+    /// No client key, or one that matches no entry (401).
+    Unauthorized,
+    /// Over a request, token or daily limit (429).
+    RateLimited,
+    /// A content policy blocked the request (400).
+    PolicyBlocked,
+    /// The limit store (Redis) could not be asked and `on_store_error: deny` (503).
+    LimitStoreDown,
 }
 
 /// What the client is told about an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     /// HTTP status; 0 when nothing can or should be written (the client went away).
     pub status: u16,
     pub kind: &'static str,
     pub code: &'static str,
-    pub message: &'static str,
+    /// Fixed for the proxy's own failures; a refusing stage may name what refused (a policy's
+    /// name), never what was matched or a credential.
+    pub message: Cow<'static, str>,
+    /// Extra response fields (`x-ratelimit-*`); `Retry-After` comes from `respond`'s argument.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     pub failure: Failure,
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.code, self.message)
+    }
+}
+
+impl std::error::Error for Reply {}
+
+/// A stage's refusal: the error that makes `fail_to_proxy` answer with `reply` as it is.
+pub fn refuse(reply: Reply) -> Box<Error> {
+    Error::create(REFUSED, ErrorSource::Downstream, None, Some(Box::new(reply)))
+}
+
+/// A refusal's reply: the status, code and fields a stage chose.
+pub fn refusal(
+    status: u16,
+    kind: &'static str,
+    code: &'static str,
+    message: impl Into<Cow<'static, str>>,
+    failure: Failure,
+) -> Reply {
+    Reply {
+        status,
+        kind,
+        code,
+        message: message.into(),
+        headers: Vec::new(),
+        failure,
+    }
 }
 
 const fn reply(
@@ -66,7 +114,8 @@ const fn reply(
         status,
         kind,
         code,
-        message,
+        message: Cow::Borrowed(message),
+        headers: Vec::new(),
         failure,
     }
 }
@@ -163,6 +212,11 @@ const INTERNAL_REPLY: Reply = reply(
 pub fn classify(e: &Error) -> Reply {
     use ErrorType::*;
     let etype = e.etype();
+    if *etype == REFUSED {
+        if let Some(reply) = e.cause.as_ref().and_then(|c| c.downcast_ref::<Reply>()) {
+            return reply.clone();
+        }
+    }
     match etype {
         _ if *etype == BODY_TOO_LARGE => return BODY_TOO_LARGE_REPLY,
         _ if *etype == DEADLINE_EXCEEDED => return DEADLINE_REPLY,
@@ -211,6 +265,10 @@ impl Failure {
             Failure::BodyTooLarge => "body_too_large",
             Failure::ClientGone => "client_gone",
             Failure::Unexpected => "unexpected",
+            Failure::Unauthorized => "unauthorized",
+            Failure::RateLimited => "rate_limited",
+            Failure::PolicyBlocked => "policy_blocked",
+            Failure::LimitStoreDown => "limit_store_unavailable",
         }
     }
 
@@ -226,13 +284,24 @@ impl Failure {
             Failure::ConnectFailed
             | Failure::UpstreamBroken
             | Failure::BadRequest
-            | Failure::ClientGone => {}
+            | Failure::ClientGone
+            | Failure::Unauthorized
+            | Failure::RateLimited
+            | Failure::PolicyBlocked
+            | Failure::LimitStoreDown => {}
         }
     }
 
     /// True for failures the client caused (its request was refused): not proxy errors.
     pub fn is_client_error(self) -> bool {
-        matches!(self, Failure::BadRequest | Failure::BodyTooLarge)
+        matches!(
+            self,
+            Failure::BadRequest
+                | Failure::BodyTooLarge
+                | Failure::Unauthorized
+                | Failure::RateLimited
+                | Failure::PolicyBlocked
+        )
     }
 }
 
@@ -256,6 +325,9 @@ pub async fn respond(session: &mut Session, reply: &Reply, retry_after_s: Option
         if let Some(secs) = retry_after_s {
             let _ = resp.insert_header(header::RETRY_AFTER, secs.to_string());
         }
+        for (name, value) in &reply.headers {
+            let _ = resp.append_header(name.clone(), value.clone());
+        }
         let _ = resp.insert_header(header::CONTENT_LENGTH, body.len().to_string());
         let _ = session
             .as_downstream_mut()
@@ -266,12 +338,13 @@ pub async fn respond(session: &mut Session, reply: &Reply, retry_after_s: Option
 }
 
 impl Reply {
-    /// The OpenAI-style JSON body. All parts are fixed ASCII strings without quotes or
-    /// backslashes, so no escaping is needed.
+    /// The OpenAI-style JSON body. `kind` and `code` are fixed ASCII identifiers; the message
+    /// is escaped as a JSON string.
     pub fn body(&self) -> Bytes {
+        let message = serde_json::Value::from(self.message.as_ref()).to_string();
         Bytes::from(format!(
-            r#"{{"error":{{"message":"{}","type":"{}","code":"{}"}}}}"#,
-            self.message, self.kind, self.code
+            r#"{{"error":{{"message":{message},"type":"{}","code":"{}"}}}}"#,
+            self.kind, self.code
         ))
     }
 }
@@ -313,5 +386,26 @@ mod tests {
         assert_eq!(v["error"]["type"], "proxy_error");
         assert_eq!(v["error"]["code"], "internal_error");
         assert_eq!(v["error"]["message"], "internal proxy error");
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_reply() {
+        let mut reply = refusal(
+            429,
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            "limit \"team-a\" reached",
+            Failure::RateLimited,
+        );
+        reply.headers.push((
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderValue::from_static("10"),
+        ));
+        let got = classify(&refuse(reply.clone()));
+        assert_eq!(got, reply);
+        assert!(got.failure.is_client_error());
+        let v: serde_json::Value = serde_json::from_slice(&got.body()).expect("json");
+        assert_eq!(v["error"]["message"], "limit \"team-a\" reached");
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
     }
 }

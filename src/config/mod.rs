@@ -19,12 +19,15 @@
 //! - `usage.rs`: `usage:`, how streamed requests are made to report their tokens ([`Usage`]).
 //! - `limits.rs`: `limits:`, request size limits ([`Limits`]).
 //! - `forwarded.rs`: `forwarded:`, trusted proxies and `Via` ([`Forwarded`]).
+//! - `cache.rs`: `cache:`, the response cache ([`CacheSettings`]).
+//! - `redis.rs`: `redis:`, the shared Redis client's settings.
 //!
 //! Besides the sections: `net.rs` holds the network values several sections share ([`Cidr`],
 //! `IP:port`, `host[:port]`), and [`files`] every check that touches the filesystem.
 //! [`Config::from_yaml`] is pure; [`Config::from_file`] also runs [`files::check_files`].
 
 mod admin;
+mod cache;
 mod downstream;
 mod endpoints;
 pub mod files;
@@ -33,6 +36,7 @@ mod limits;
 mod listen;
 mod logging;
 mod net;
+mod redis;
 mod rules;
 mod server;
 mod structured;
@@ -49,6 +53,7 @@ use serde::Deserialize;
 use crate::transform::rewrite::RuleSet;
 use crate::transform::structured::Policy;
 
+pub use cache::{CacheBackend, CacheSettings};
 pub use downstream::Downstream;
 pub use endpoints::{Balance, CircuitBreaker, Endpoint, HealthCheck, Warmup};
 pub use forwarded::Forwarded;
@@ -177,6 +182,8 @@ struct RawConfig {
     downstream: downstream::RawDownstream,
     #[serde(default)]
     usage: usage::RawUsage,
+    cache: Option<cache::RawCache>,
+    redis: Option<redis::RawRedis>,
 }
 
 /// The whole validated configuration.
@@ -197,6 +204,10 @@ pub struct Config {
     pub forwarded: Forwarded,
     pub downstream: Downstream,
     pub usage: Usage,
+    /// The response cache; None: no cache.
+    pub cache: Option<CacheSettings>,
+    /// The shared Redis (`redis:`); None: no feature may use a Redis backend.
+    pub redis: Option<crate::store::RedisConfig>,
 }
 
 impl Config {
@@ -230,6 +241,9 @@ impl RawConfig {
         let upstream = self.upstream.validate()?;
         let rules = self.rewrite.validate()?;
         let structured = self.structured_output.validate()?;
+        let has_redis = self.redis.is_some();
+        let cache = self.cache.map(|c| c.validate(has_redis)).transpose()?;
+        let redis = self.redis.map(redis::RawRedis::validate).transpose()?;
         Ok(Config {
             listeners,
             upstream,
@@ -243,6 +257,8 @@ impl RawConfig {
             forwarded: self.forwarded.validate()?,
             downstream: self.downstream.validate()?,
             usage: self.usage.validate(),
+            cache,
+            redis,
         })
     }
 }
