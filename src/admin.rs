@@ -10,15 +10,13 @@ use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
-use crate::lifecycle::DrainSignal;
 use crate::metrics;
+use crate::shared::Shared;
 use crate::upstream::warmup::Readiness;
-use crate::upstream::Upstreams;
 
 /// The admin listener: `/metrics`, `/healthz`, `/upstreams`.
 pub struct AdminApp {
-    pub drain: Arc<DrainSignal>,
-    pub upstreams: Arc<Upstreams>,
+    pub shared: Arc<Shared>,
     /// `/healthz` answers 503 until the warm-up is done (or its time is up).
     pub readiness: Arc<Readiness>,
 }
@@ -29,18 +27,20 @@ impl ServeHttp for AdminApp {
         let path = session.req_header().uri.path();
         let (status, ctype, body) = match path {
             "/metrics" => (200, "text/plain; version=0.0.4", {
-                let mut text = metrics::render(self.drain.is_draining());
-                self.upstreams.render_metrics(&mut text);
+                let mut text = metrics::render(self.shared.drain.is_draining());
+                self.shared.upstreams.render_metrics(&mut text);
                 text.into_bytes()
             }),
-            "/healthz" if self.drain.is_draining() => (503, "text/plain", b"draining\n".to_vec()),
+            "/healthz" if self.shared.drain.is_draining() => {
+                (503, "text/plain", b"draining\n".to_vec())
+            }
             "/healthz" if !self.readiness.is_ready() => {
                 (503, "text/plain", b"warming up\n".to_vec())
             }
             "/upstreams" => (
                 200,
                 "application/json",
-                self.upstreams.status_json().to_string().into_bytes(),
+                self.shared.upstreams.status_json().to_string().into_bytes(),
             ),
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
             _ => (404, "text/plain", b"not found\n".to_vec()),

@@ -82,7 +82,12 @@ impl std::error::Error for Reply {}
 
 /// A stage's refusal: the error that makes `fail_to_proxy` answer with `reply` as it is.
 pub fn refuse(reply: Reply) -> Box<Error> {
-    Error::create(REFUSED, ErrorSource::Downstream, None, Some(Box::new(reply)))
+    Error::create(
+        REFUSED,
+        ErrorSource::Downstream,
+        None,
+        Some(Box::new(reply)),
+    )
 }
 
 /// A refusal's reply: the status, code and fields a stage chose.

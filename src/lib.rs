@@ -12,6 +12,8 @@
 //! - [`config`]: the YAML file, one file per section, validated into a typed, ready-to-run
 //!   `Config`; every file check (certificates, CA bundle) in `config::files`.
 //! - [`server`]: builds the Pingora server and its services from a `Config`.
+//! - [`shared`]: the state every proxy app and the admin listener share (endpoints, drain
+//!   signal, the Redis client), built once at start.
 //! - [`lifecycle`]: the per-server drain signal and the watcher that sets it.
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/upstreams`).
 //! - [`cache`]: the response cache: request keys, stored entries, memory and Redis backends,
@@ -48,6 +50,7 @@ pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
 pub mod server;
+pub mod shared;
 pub mod store;
 pub mod transform;
 pub mod upstream;

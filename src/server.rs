@@ -23,10 +23,11 @@ use pingora_proxy::{http_proxy, HttpProxy};
 use crate::admin::AdminApp;
 use crate::config::{Config, ConfigError, Listener};
 use crate::downstream::ConnectionPolicy;
-use crate::lifecycle::{DrainSignal, DrainWatcher};
+use crate::lifecycle::DrainWatcher;
 use crate::proxy::Gateway;
+use crate::shared::Shared;
 use crate::upstream::warmup::{Readiness, Warmer};
-use crate::upstream::{DnsRefresher, HealthChecker, Upstreams};
+use crate::upstream::{DnsRefresher, HealthChecker};
 
 /// A service name and which listeners it takes.
 type ListenerGroup = (&'static str, fn(&Listener) -> bool);
@@ -49,14 +50,13 @@ pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
     let conf = server_conf(&cfg);
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     let cfg = Arc::new(cfg);
-    let upstreams = Upstreams::new(&cfg.upstream);
-    let drain = Arc::new(DrainSignal::default());
+    let shared = Shared::new(&cfg)?;
     let any_tls = cfg.upstream.endpoints.iter().any(|e| e.tls);
     if any_tls && !cfg.upstream.tls_verify {
         log::warn!("upstream certificate verification is OFF (upstream.tls_verify: false)");
     }
     let build = |h2c: bool| {
-        let gateway = Gateway::new(cfg.clone(), upstreams.clone(), drain.clone());
+        let gateway = Gateway::new(cfg.clone(), &shared);
         proxy_app(&server, &cfg, gateway, h2c)
     };
     let apps = ProxyApps {
@@ -64,7 +64,7 @@ pub fn build_server(cfg: Config, mut opt: Opt) -> Result<Server, ConfigError> {
         h2c: cfg.listeners.iter().any(|l| l.h2c).then(|| build(true)),
     };
     add_proxy_services(&mut server, &cfg, &apps)?;
-    add_support_services(&mut server, &cfg, &upstreams, &apps, drain);
+    add_support_services(&mut server, &cfg, &shared, &apps);
     Ok(server)
 }
 
@@ -127,13 +127,8 @@ fn proxy_app(
 }
 
 /// DNS refresh, health checks, warm-up, the drain watcher and the admin listener.
-fn add_support_services(
-    server: &mut Server,
-    cfg: &Config,
-    upstreams: &Arc<Upstreams>,
-    apps: &ProxyApps,
-    drain: Arc<DrainSignal>,
-) {
+fn add_support_services(server: &mut Server, cfg: &Config, shared: &Arc<Shared>, apps: &ProxyApps) {
+    let upstreams = &shared.upstreams;
     if DnsRefresher::needed(upstreams) {
         server.add_service(background_service(
             "dns refresher",
@@ -165,13 +160,12 @@ fn add_support_services(
         "drain watcher",
         DrainWatcher {
             phases: server.watch_execution_phase(),
-            drain: drain.clone(),
+            drain: shared.drain.clone(),
         },
     ));
     if let Some(addr) = cfg.admin_addr {
         let app = AdminApp {
-            drain,
-            upstreams: upstreams.clone(),
+            shared: shared.clone(),
             readiness,
         };
         let mut admin = Service::new("arkgate admin".to_string(), app);

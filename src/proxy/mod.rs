@@ -41,9 +41,8 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::Config;
 use crate::error::{self, classify};
-use crate::lifecycle::DrainSignal;
 use crate::metrics::METRICS;
-use crate::upstream::Upstreams;
+use crate::shared::Shared;
 
 pub use ctx::RequestCtx;
 
@@ -62,7 +61,8 @@ pub struct Gateway {
 impl Gateway {
     /// Builds the proxy (one for every listener: whether a client connection is TLS is read
     /// from the connection itself).
-    pub fn new(cfg: Arc<Config>, upstreams: Arc<Upstreams>, drain: Arc<DrainSignal>) -> Gateway {
+    pub fn new(cfg: Arc<Config>, shared: &Shared) -> Gateway {
+        let (upstreams, drain) = (shared.upstreams.clone(), shared.drain.clone());
         Gateway {
             client: client::ClientPolicy::new(&cfg, drain),
             limits: limits::Limits::new(&cfg),
