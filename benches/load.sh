@@ -10,6 +10,10 @@
 # process the script starts is stopped on exit. Each proxy is restarted for each phase, so peak
 # RSS (VmHWM) belongs to that phase's load.
 #
+# Phase 1 also runs `bare`: a bare Pingora 0.9 forwarder (benches/bare_pingora.rs: one upstream_peer
+# and a path prefix, nothing else), so the report shows arkgate ÷ bare Pingora and bare ÷ nginx as
+# CPU µs per request from the same run.
+#
 # Phases (each wrk run POSTs benches/load_body.json, ~320 bytes with `json_schema`):
 #   1. zero-delay mock: max req/s at 64 conns (best of 2 rounds), proxy CPU share, peak RSS,
 #      upstream connections and reuse (from the mock's counter); latency at 1 conn and at a paced
@@ -45,6 +49,8 @@ BODY=$ROOT/benches/load_body.json
 LUA=$ROOT/benches/load_post.lua
 CLIENT=$ROOT/benches/load_client.py
 TARGETS=(direct ark nginx)
+# Phase 1 also measures the floor reference: a bare Pingora forwarder (benches/bare_pingora.rs).
+P1_TARGETS=(direct ark bare nginx)
 
 START_TIME=$SECONDS
 log() { printf '== [%3ds] %s\n' "$((SECONDS - START_TIME))" "$*" >&2; }
@@ -93,14 +99,16 @@ NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
 (($(nproc) >= 2)) || die "needs 2 CPUs (proxy on one, load on the other); this machine has $(nproc)"
 
 log "building arkgate and the mock (release)"
-cargo build --release --quiet --bin arkgate --example mock_upstream ||
-  die "cargo build --release --bin arkgate --example mock_upstream failed"
+cargo build --release --quiet --bin arkgate --example mock_upstream --example bare_pingora ||
+  die "cargo build --release --bin arkgate --example mock_upstream --example bare_pingora failed"
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 ARKGATE=$TARGET_DIR/release/arkgate
 MOCK=$TARGET_DIR/release/examples/mock_upstream
+BARE=$TARGET_DIR/release/examples/bare_pingora
 [ -x "$ARKGATE" ] || die "$ARKGATE was not built"
 [ -x "$MOCK" ] || die "$MOCK was not built"
+[ -x "$BARE" ] || die "$BARE was not built"
 
 # Many sockets: raise the open-file limit as far as the hard limit allows.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -181,7 +189,9 @@ for kind in fast slow sse; do
     MOCK_PORT[$kind.$t]=$port
   done
 done
-for var in ARK_PORT ARK_ADMIN NGINX_PORT; do pick_port "$var"; done
+pick_port port
+MOCK_PORT[fast.bare]=$port
+for var in ARK_PORT ARK_ADMIN NGINX_PORT BARE_PORT; do pick_port "$var"; done
 
 start_mock() { # name port args...
   local name=$1 port=$2
@@ -200,6 +210,7 @@ mock_stat() { # port field
 }
 
 ARK_PID=""
+BARE_PID=""
 NGINX_PID=""
 NGINX_WORKER=""
 
@@ -226,6 +237,14 @@ EOF
   STARTED+=("$ARK_PID")
   wait_port "$ARK_PORT" "$ARK_PID" arkgate
   wait_port "$ARK_ADMIN" "$ARK_PID" arkgate
+}
+
+start_bare() { # upstream_port
+  taskset -c "$PROXY_CPU" "$BARE" --listen "127.0.0.1:$BARE_PORT" --upstream "127.0.0.1:$1" \
+    --prefix /api/v3 --threads 1 >>"$WORK/bare.log" 2>&1 &
+  BARE_PID=$!
+  STARTED+=("$BARE_PID")
+  wait_port "$BARE_PORT" "$BARE_PID" bare
 }
 
 start_nginx() { # upstream_port proxy_buffering(on|off)
@@ -287,9 +306,10 @@ EOF
 
 stop_proxies() {
   [ -z "$ARK_PID" ] || stop_pid "$ARK_PID"
+  [ -z "$BARE_PID" ] || stop_pid "$BARE_PID"
   [ -z "$NGINX_PID" ] || stop_pid "$NGINX_PID"
   [ -z "$NGINX_WORKER" ] || stop_pid "$NGINX_WORKER"
-  ARK_PID="" NGINX_PID="" NGINX_WORKER=""
+  ARK_PID="" BARE_PID="" NGINX_PID="" NGINX_WORKER=""
 }
 
 start_proxies() { # mock_kind proxy_buffering
@@ -308,6 +328,7 @@ json_get() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv
 pids_of() { # target: the proxy's PIDs (comma-separated)
   case $1 in
     ark) echo "$ARK_PID" ;;
+    bare) echo "$BARE_PID" ;;
     nginx) echo "$NGINX_PID,$NGINX_WORKER" ;;
     *) echo "" ;;
   esac
@@ -336,6 +357,7 @@ url_of() { # target mock_kind
   case $1 in
     direct) echo "http://127.0.0.1:${MOCK_PORT[$2.direct]}/api/v3/chat/completions" ;;
     ark) echo "http://127.0.0.1:$ARK_PORT/chat/completions" ;;
+    bare) echo "http://127.0.0.1:$BARE_PORT/chat/completions" ;;
     nginx) echo "http://127.0.0.1:$NGINX_PORT/chat/completions" ;;
   esac
 }
@@ -384,6 +406,7 @@ for t in "${TARGETS[@]}"; do
   start_mock "mock_slow_$t" "${MOCK_PORT[slow.$t]}" --delay-ms 20
   start_mock "mock_sse_$t" "${MOCK_PORT[sse.$t]}" --sse-chunks 64 --sse-gap-ms 20
 done
+start_mock mock_fast_bare "${MOCK_PORT[fast.bare]}"
 
 upstream_use() { # kind target key: upstream connections and reuse seen by that target's mock
   local port=${MOCK_PORT[$1.$2]} conns reqs
@@ -395,12 +418,13 @@ upstream_use() { # kind target key: upstream connections and reuse seen by that 
 
 # --- Phase 1: throughput and latency against the zero-delay mock --------------------------------
 start_proxies fast on
+start_bare "${MOCK_PORT[fast.bare]}"
 check_rewrite
 log "phase 1: max req/s at 64 conns, ${TPUT_SECS}s per run, best of 2 rounds"
-for t in ark nginx; do run_wrk "$(url_of $t fast)" 64 1; done # warm-up
+for t in ark bare nginx; do run_wrk "$(url_of $t fast)" 64 1; done # warm-up
 declare -A BEST
 for round in 1 2; do
-  for t in "${TARGETS[@]}"; do
+  for t in "${P1_TARGETS[@]}"; do
     pids=$(pids_of $t)
     c0=0 c1=0
     [ -z "$pids" ] || c0=$(cpu_ticks "$pids")
@@ -425,7 +449,7 @@ curl -sf --max-time 5 "http://127.0.0.1:$ARK_ADMIN/metrics" >"$WORK/arkgate-metr
 
 log "phase 1: latency at 1 conn, and paced ($PACED_CONNS conns, ${PACED_PAUSE_MS} ms pause per request), ${LAT_SECS}s per run"
 for mode in 1 paced; do
-  for t in "${TARGETS[@]}"; do
+  for t in "${P1_TARGETS[@]}"; do
     if [ $mode = 1 ]; then
       run_wrk "$(url_of $t fast)" 1 "$LAT_SECS"
     else

@@ -274,6 +274,37 @@ def load_results(path):
     return r
 
 
+def floor_table(num, fmt, ratio):
+    """Phase 1 against the floor reference: CPU µs per request of arkgate, a bare Pingora
+    forwarder and nginx, from the 64-conn runs (CPU share ÷ req/s), and latency at 1 conn."""
+    T = ("ark", "bare", "nginx")
+
+    def cpu_us(t):
+        rps, cpu = num(f"{t}_tput_rps"), num(f"{t}_tput_cpu_pct")
+        return None if not rps or cpu is None else cpu / 100.0 / rps * 1e6
+
+    def added(t, p):
+        x, d = num(f"{t}_lat1_{p}_us"), num(f"direct_lat1_{p}_us")
+        return None if x is None or d is None else x - d
+
+    rows = [
+        ("CPU µs per request, 64 conns", [cpu_us(t) for t in T]),
+        ("Req/s, 64 conns", [num(f"{t}_tput_rps") for t in T]),
+        ("Added p50 at 1 conn (µs)", [added(t, "p50") for t in T]),
+        ("Added p99 at 1 conn (µs)", [added(t, "p99") for t in T]),
+    ]
+    print()
+    print("Floor reference (phase 1): arkgate against a bare Pingora forwarder and nginx")
+    print()
+    print("| Measure | arkgate | bare Pingora | nginx | arkgate ÷ bare | bare ÷ nginx "
+          "| arkgate ÷ nginx |")
+    print("|" + "---|" * 7)
+    for label, (a, b, n) in rows:
+        print(f"| {label} | {fmt(a)} | {fmt(b)} | {fmt(n)} | {ratio(a, b)} | {ratio(b, n)} "
+              f"| {ratio(a, n)} |")
+    print()
+
+
 def report(args):
     r = load_results(args.results)
 
@@ -386,7 +417,9 @@ def report(args):
     for cells in rows:
         print("| " + " | ".join(cells) + " |")
 
-    # The issue-6 targets, judged from the figures above (reported, never asserted).
+    floor_table(num, fmt, ratio)
+
+    # The targets, judged from the figures above (reported, never asserted).
     def verdict(ok):
         return "—" if ok is None else ("met" if ok else "NOT met")
 
@@ -402,7 +435,7 @@ def report(args):
     _, a_idle, _ = g("idle_rss_kib")
     added_ttfb = both(a_ttfb, d_ttfb, lambda x, y: x - y)
     print()
-    print("Targets (issue 6):")
+    print("Targets:")
     print(f"- throughput per core >= nginx: {verdict(both(per_a, per_n, lambda x, y: x >= y))}"
           f" ({ratio(per_a, per_n)}; from req/s per proxy core)")
     print(f"- added p99 at 1 conn <= nginx's: "
