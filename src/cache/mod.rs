@@ -219,6 +219,61 @@ impl Cache {
         })
     }
 
+    /// A fill for `key` without a lookup (`Cache-Control: no-cache`): the request goes upstream
+    /// and its answer is stored, but serves no waiting request. Counted as a miss.
+    pub fn refill(&self, key: CacheKey, model: &str) -> Fill {
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        Fill {
+            key,
+            model: model.to_owned(),
+            leader: None,
+        }
+    }
+
+    /// Appends the cache's Prometheus families to `out`: `arkgate_cache_requests_total{result}`,
+    /// `arkgate_cache_errors_total`, `arkgate_cache_stores_total` and, with the memory backend,
+    /// `arkgate_cache_entries`.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let s = self.stats();
+        out.push_str(
+            "# HELP arkgate_cache_requests_total Cacheable-path requests by cache result.\n",
+        );
+        out.push_str("# TYPE arkgate_cache_requests_total counter\n");
+        for (result, n) in [("hit", s.hits), ("miss", s.misses), ("bypass", s.bypasses)] {
+            let _ = writeln!(
+                out,
+                "arkgate_cache_requests_total{{result=\"{result}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP arkgate_cache_errors_total Cache backend failures (the request went on uncached).\n");
+        out.push_str("# TYPE arkgate_cache_errors_total counter\n");
+        let _ = writeln!(out, "arkgate_cache_errors_total {}", s.errors);
+        out.push_str("# HELP arkgate_cache_stores_total Responses stored in the cache.\n");
+        out.push_str("# TYPE arkgate_cache_stores_total counter\n");
+        let _ = writeln!(out, "arkgate_cache_stores_total {}", s.stores);
+        if let Some(n) = s.entries {
+            out.push_str("# HELP arkgate_cache_entries Entries held by the memory backend.\n");
+            out.push_str("# TYPE arkgate_cache_entries gauge\n");
+            let _ = writeln!(out, "arkgate_cache_entries {n}");
+        }
+    }
+
+    /// The stats as the admin `GET /cache` JSON.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let s = self.stats();
+        serde_json::json!({
+            "backend": self.backend_name(),
+            "entries": s.entries,
+            "hits": s.hits,
+            "coalesced": s.coalesced,
+            "misses": s.misses,
+            "bypasses": s.bypasses,
+            "stores": s.stores,
+            "errors": s.errors,
+        })
+    }
+
     /// Hands a complete upstream answer to the requests waiting on `fill` and stores it; returns
     /// whether it was stored. Only a 200 is used; one over `max_entry_bytes` serves the waiting
     /// requests but is not stored. With Redis this waits for the store (at most
