@@ -14,7 +14,9 @@
 //! - [`entry`]: a stored response and its binary form; the SSE event collector.
 //! - [`backend`]: the storage trait; [`memory`] and [`redis`] implement it.
 //! - [`coalesce`]: one upstream request per key in flight.
+//! - [`admin_client`]: `arkgate cache stats|clear`, over the admin listener.
 
+pub mod admin_client;
 pub mod backend;
 pub mod coalesce;
 pub mod entry;
@@ -274,31 +276,32 @@ impl Cache {
         })
     }
 
-    /// Hands a complete upstream answer to the requests waiting on `fill` and stores it; returns
-    /// whether it was stored. Only a 200 is used; one over `max_entry_bytes` serves the waiting
-    /// requests but is not stored. With Redis this waits for the store (at most
-    /// `redis.timeout_ms`).
+    /// Stores a complete upstream answer and hands it to the requests waiting on `fill`;
+    /// returns whether it was stored. Only a 200 is used; one over `max_entry_bytes` serves the
+    /// waiting requests but is not stored. With Redis this waits for the store (at most
+    /// `redis.timeout_ms`) before the waiting requests are served.
     pub async fn complete(&self, fill: Fill, status: u16, headers: &HeaderMap, body: Body) -> bool {
         if status != 200 {
             return false; // dropping `fill` releases the followers
         }
         let entry = Arc::new(Entry::new(fill.key, &fill.model, status, headers, body));
+        // Stored before the flight ends, so an identical request arriving meanwhile either
+        // waits on the flight or finds the entry: never a second upstream request.
+        let stored = entry.size() <= self.config.max_entry_bytes
+            && match self.backend.put(Arc::clone(&entry), self.config.ttl).await {
+                Ok(()) => {
+                    self.counters.stores.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(e) => {
+                    self.error(&e);
+                    false
+                }
+            };
         if let Some(leader) = fill.leader {
-            leader.complete(Arc::clone(&entry));
+            leader.complete(entry);
         }
-        if entry.size() > self.config.max_entry_bytes {
-            return false;
-        }
-        match self.backend.put(entry, self.config.ttl).await {
-            Ok(()) => {
-                self.counters.stores.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(e) => {
-                self.error(&e);
-                false
-            }
-        }
+        stored
     }
 
     /// Removes every entry (with Redis: every `cache:` key under the prefix, for the whole
