@@ -521,9 +521,11 @@ async fn redis_down_never_fails_a_request_and_hits_resume_after_a_restart() {
     miss_then_hit(p.addr(), &[], &body).await;
 
     redis.kill();
-    for _ in 0..3 {
-        let r = post(p.addr(), CHAT, &[], &body).await;
-        assert_eq!((r.status, cache_result(&r)), (200, "miss"));
+    assert!(!redis.answers_ping());
+    for i in 0..3 {
+        let r = post(p.addr(), CHAT, &[], &chat(&format!("while-down-{i}"), "")).await;
+        assert_eq!((r.status, r.text()), (200, ANSWER.to_string()));
+        assert_eq!(cache_result(&r), "miss", "{}", stats(p.admin()).await);
     }
     let s = stats_when(p.admin(), "errors", 1).await;
     assert!(s["errors"].as_u64() >= Some(1), "{s}");

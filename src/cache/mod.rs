@@ -194,16 +194,23 @@ impl Cache {
     /// Looks `key` up for `model`; on a miss, joins or leads the flight for it. A backend error
     /// counts as a miss (and an error).
     pub async fn lookup(&self, key: CacheKey, model: &str) -> Lookup {
-        match self.backend.get(&key, model).await {
-            Ok(Some(entry)) => {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                return Lookup::Hit(entry);
-            }
-            Ok(None) => {}
-            Err(e) => self.error(&e),
-        }
+        let reachable = match self.get(&key, model).await {
+            Ok(Some(entry)) => return Lookup::Hit(entry),
+            Ok(None) => true,
+            Err(()) => false,
+        };
         let leader = match self.flights.join(key) {
-            Role::Leader(leader) => Some(leader),
+            Role::Leader(leader) => {
+                // An identical flight may have ended (stored) between the get and the join:
+                // look again, now that any later identical request waits on this one.
+                if reachable {
+                    if let Ok(Some(entry)) = self.get(&key, model).await {
+                        leader.complete(Arc::clone(&entry));
+                        return Lookup::Hit(entry);
+                    }
+                }
+                Some(leader)
+            }
             Role::Follower(follower) => match follower.wait().await {
                 Some(entry) => {
                     self.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -274,6 +281,21 @@ impl Cache {
             "stores": s.stores,
             "errors": s.errors,
         })
+    }
+
+    /// One backend read; a hit is counted, an error counted and logged.
+    async fn get(&self, key: &CacheKey, model: &str) -> Result<Option<Arc<Entry>>, ()> {
+        match self.backend.get(key, model).await {
+            Ok(Some(entry)) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(entry))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.error(&e);
+                Err(())
+            }
+        }
     }
 
     /// Stores a complete upstream answer and hands it to the requests waiting on `fill`;
