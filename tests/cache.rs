@@ -248,6 +248,45 @@ async fn a_stream_is_replayed_event_by_event_with_done() {
 }
 
 #[tokio::test]
+async fn a_stream_is_replayed_over_http2_and_chunked_bodies_bypass() {
+    let up = mock(|| {
+        let events: Vec<(Duration, &str)> = EVENTS.iter().map(|e| (ms(2), *e)).collect();
+        Reply::sse(&events)
+    });
+    let p = proxy(&up.base_url(""))
+        .yaml("cache: {}\n")
+        .admin()
+        .h2c()
+        .start();
+    let body = chat("h2", r#","stream":true"#);
+    let len = body.len().to_string();
+    let headers = [
+        ("content-type", "application/json"),
+        ("content-length", len.as_str()),
+    ];
+    let h2 = H2Client::connect(p.addr).await;
+    let first = h2.request("POST", CHAT, &headers, body.as_bytes()).await;
+    assert_eq!(first.header("x-arkgate-cache"), Some("miss"));
+    stats_when(p.admin_addr.expect("admin"), "stores", 1).await;
+    let hit = h2.request("POST", CHAT, &headers, body.as_bytes()).await;
+    assert_eq!(
+        (hit.status, hit.header("x-arkgate-cache")),
+        (200, Some("hit"))
+    );
+    assert_eq!((hit.text(), hit.error.as_deref()), (EVENTS.concat(), None));
+    assert!(
+        hit.pieces.len() >= EVENTS.len(),
+        "{} DATA frames",
+        hit.pieces.len()
+    );
+    assert_eq!(up.request_count(), 1);
+
+    // No Content-Length (HTTP/2 without one): the body is not read whole, so never cached.
+    let unknown = h2.post_json(CHAT, body.as_bytes()).await;
+    assert_eq!(unknown.header("x-arkgate-cache"), Some("bypass"));
+}
+
+#[tokio::test]
 async fn a_stream_cut_midway_or_without_done_is_not_stored() {
     let up = MockUpstream::start(MockConfig::h1().reply(|r| {
         if r.body_json()["messages"][0]["content"] == "reset" {
@@ -450,10 +489,13 @@ async fn clear_and_clear_by_model_with_the_admin_token() {
 
 /// The config of an arkgate process on a Redis-backed cache.
 fn redis_proxy(up: &MockUpstream, redis: &RedisServer) -> ProxyBuilder {
-    proxy(&up.base_url("")).admin().yaml(&format!(
-        "cache: {{backend: redis, scope: api_key}}\nredis: {{url: \"{}\", timeout_ms: 100}}\n",
-        redis.url()
-    ))
+    proxy(&up.base_url(""))
+        .admin()
+        .yaml(&format!(
+            "cache: {{backend: redis, scope: api_key}}\nredis: {{url: \"{}\", timeout_ms: 100}}\n",
+            redis.url()
+        ))
+        .yaml("logging: {format: json, sample_rate: 1.0}\n")
 }
 
 /// Every key and value under the test Redis, as text (lossy).
@@ -507,6 +549,7 @@ async fn two_processes_share_one_redis_and_the_credential_is_never_stored() {
         cache_result(&post(two.addr(), CHAT, &headers, &body).await),
         "miss"
     );
+    two.wait_for_log_lines("\"cache\":\"hit\"", 1);
     for p in [&one, &two] {
         assert!(!p.log().contains(secret), "the credential reached the log");
     }
