@@ -95,6 +95,34 @@ pub enum Command {
         #[command(subcommand)]
         action: KeyAction,
     },
+    /// The response cache of a running arkgate: `stats` prints its counters, `clear` empties
+    /// it (or one model's entries), over the admin listener named in the config file.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+}
+
+/// What `arkgate cache` does.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CacheAction {
+    /// Print the cache's counters as JSON (backend, entries, hits, misses, bypasses, stores,
+    /// errors), from `GET /cache` on the admin listener.
+    Stats {
+        /// The running arkgate's configuration (its admin.addr and admin.token_file).
+        #[arg(short = 'c', long = "conf", value_name = "FILE")]
+        conf: PathBuf,
+    },
+    /// Remove every entry this arkgate can reach (with Redis: the whole fleet's, under
+    /// redis.key_prefix), or only one model's, with `DELETE /cache` on the admin listener.
+    Clear {
+        /// Remove only the entries of this model.
+        #[arg(long, value_name = "NAME")]
+        model: Option<String>,
+        /// The running arkgate's configuration (its admin.addr and admin.token_file).
+        #[arg(short = 'c', long = "conf", value_name = "FILE")]
+        conf: PathBuf,
+    },
 }
 
 /// What `arkgate key` does.
@@ -155,6 +183,22 @@ mod tests {
     fn run_flags_do_not_mix_with_a_command() {
         let err = Cli::try_parse_from(["arkgate", "-t", "bench", "http://127.0.0.1:1/x"]);
         assert!(err.is_err(), "run flags before a command must be refused");
+    }
+
+    #[test]
+    fn cache_commands_take_a_config_file() {
+        let cli = parse(&["cache", "clear", "--model", "m", "-c", "a.yaml"]);
+        let Some(Command::Cache {
+            action: CacheAction::Clear { model, conf },
+        }) = cli.command
+        else {
+            panic!("cache clear not parsed");
+        };
+        assert_eq!(
+            (model.as_deref(), conf.to_str()),
+            (Some("m"), Some("a.yaml"))
+        );
+        assert!(Cli::try_parse_from(["arkgate", "cache", "stats"]).is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         None => run_gateway(&cli.run),
         Some(Command::Bench(args)) => arkgate::bench::run(*args),
         Some(Command::Key { action }) => run_key(action),
+        Some(Command::Cache { action }) => arkgate::cache::admin_client::run(&action),
     }
 }
 

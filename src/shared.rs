@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use crate::config::{Config, ConfigError};
+use crate::cache::Cache;
+use crate::config::{CacheBackend, Config, ConfigError};
 use crate::lifecycle::DrainSignal;
 use crate::store::RedisStore;
 use crate::upstream::Upstreams;
@@ -15,6 +16,10 @@ pub struct Shared {
     pub drain: Arc<DrainSignal>,
     /// The `redis:` section's client; None without one. It connects on its first command.
     pub redis: Option<RedisStore>,
+    /// The response cache (`cache:`); None without one.
+    pub cache: Option<Arc<Cache>>,
+    /// The admin token (`admin.token_file`, read at start); None: the admin listener is open.
+    pub admin_token: Option<crate::admin::AdminToken>,
 }
 
 impl Shared {
@@ -26,10 +31,25 @@ impl Shared {
             }
             None => None,
         };
+        let cache = cfg.cache.as_ref().map(|c| {
+            let mut config = c.config.clone();
+            // An identical request waits for the one in flight as long as it would for the upstream.
+            config.coalesce_wait = cfg.upstream.read_timeout;
+            match (c.backend, &redis) {
+                (CacheBackend::Redis, Some(store)) => Arc::new(Cache::redis(config, store.clone())),
+                _ => Arc::new(Cache::memory(config)),
+            }
+        });
+        let admin_token = match &cfg.admin_token_file {
+            Some(path) => Some(crate::admin::AdminToken::read(path)?),
+            None => None,
+        };
         Ok(Arc::new(Shared {
             upstreams: Upstreams::new(&cfg.upstream),
             drain: Arc::new(DrainSignal::default()),
             redis,
+            cache,
+            admin_token,
         }))
     }
 }

@@ -14,7 +14,9 @@
 //! - [`entry`]: a stored response and its binary form; the SSE event collector.
 //! - [`backend`]: the storage trait; [`memory`] and [`redis`] implement it.
 //! - [`coalesce`]: one upstream request per key in flight.
+//! - [`admin_client`]: `arkgate cache stats|clear`, over the admin listener.
 
+pub mod admin_client;
 pub mod backend;
 pub mod coalesce;
 pub mod entry;
@@ -192,16 +194,23 @@ impl Cache {
     /// Looks `key` up for `model`; on a miss, joins or leads the flight for it. A backend error
     /// counts as a miss (and an error).
     pub async fn lookup(&self, key: CacheKey, model: &str) -> Lookup {
-        match self.backend.get(&key, model).await {
-            Ok(Some(entry)) => {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                return Lookup::Hit(entry);
-            }
-            Ok(None) => {}
-            Err(e) => self.error(&e),
-        }
+        let reachable = match self.get(&key, model).await {
+            Ok(Some(entry)) => return Lookup::Hit(entry),
+            Ok(None) => true,
+            Err(()) => false,
+        };
         let leader = match self.flights.join(key) {
-            Role::Leader(leader) => Some(leader),
+            Role::Leader(leader) => {
+                // An identical flight may have ended (stored) between the get and the join:
+                // look again, now that any later identical request waits on this one.
+                if reachable {
+                    if let Ok(Some(entry)) = self.get(&key, model).await {
+                        leader.complete(Arc::clone(&entry));
+                        return Lookup::Hit(entry);
+                    }
+                }
+                Some(leader)
+            }
             Role::Follower(follower) => match follower.wait().await {
                 Some(entry) => {
                     self.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -219,31 +228,102 @@ impl Cache {
         })
     }
 
-    /// Hands a complete upstream answer to the requests waiting on `fill` and stores it; returns
-    /// whether it was stored. Only a 200 is used; one over `max_entry_bytes` serves the waiting
-    /// requests but is not stored. With Redis this waits for the store (at most
-    /// `redis.timeout_ms`).
+    /// A fill for `key` without a lookup (`Cache-Control: no-cache`): the request goes upstream
+    /// and its answer is stored, but serves no waiting request. Counted as a miss.
+    pub fn refill(&self, key: CacheKey, model: &str) -> Fill {
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        Fill {
+            key,
+            model: model.to_owned(),
+            leader: None,
+        }
+    }
+
+    /// Appends the cache's Prometheus families to `out`: `arkgate_cache_requests_total{result}`,
+    /// `arkgate_cache_errors_total`, `arkgate_cache_stores_total` and, with the memory backend,
+    /// `arkgate_cache_entries`.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let s = self.stats();
+        out.push_str(
+            "# HELP arkgate_cache_requests_total Cacheable-path requests by cache result.\n",
+        );
+        out.push_str("# TYPE arkgate_cache_requests_total counter\n");
+        for (result, n) in [("hit", s.hits), ("miss", s.misses), ("bypass", s.bypasses)] {
+            let _ = writeln!(
+                out,
+                "arkgate_cache_requests_total{{result=\"{result}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP arkgate_cache_errors_total Cache backend failures (the request went on uncached).\n");
+        out.push_str("# TYPE arkgate_cache_errors_total counter\n");
+        let _ = writeln!(out, "arkgate_cache_errors_total {}", s.errors);
+        out.push_str("# HELP arkgate_cache_stores_total Responses stored in the cache.\n");
+        out.push_str("# TYPE arkgate_cache_stores_total counter\n");
+        let _ = writeln!(out, "arkgate_cache_stores_total {}", s.stores);
+        if let Some(n) = s.entries {
+            out.push_str("# HELP arkgate_cache_entries Entries held by the memory backend.\n");
+            out.push_str("# TYPE arkgate_cache_entries gauge\n");
+            let _ = writeln!(out, "arkgate_cache_entries {n}");
+        }
+    }
+
+    /// The stats as the admin `GET /cache` JSON.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let s = self.stats();
+        serde_json::json!({
+            "backend": self.backend_name(),
+            "entries": s.entries,
+            "hits": s.hits,
+            "coalesced": s.coalesced,
+            "misses": s.misses,
+            "bypasses": s.bypasses,
+            "stores": s.stores,
+            "errors": s.errors,
+        })
+    }
+
+    /// One backend read; a hit is counted, an error counted and logged.
+    async fn get(&self, key: &CacheKey, model: &str) -> Result<Option<Arc<Entry>>, ()> {
+        match self.backend.get(key, model).await {
+            Ok(Some(entry)) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(entry))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.error(&e);
+                Err(())
+            }
+        }
+    }
+
+    /// Stores a complete upstream answer and hands it to the requests waiting on `fill`;
+    /// returns whether it was stored. Only a 200 is used; one over `max_entry_bytes` serves the
+    /// waiting requests but is not stored. With Redis this waits for the store (at most
+    /// `redis.timeout_ms`) before the waiting requests are served.
     pub async fn complete(&self, fill: Fill, status: u16, headers: &HeaderMap, body: Body) -> bool {
         if status != 200 {
             return false; // dropping `fill` releases the followers
         }
         let entry = Arc::new(Entry::new(fill.key, &fill.model, status, headers, body));
+        // Stored before the flight ends, so an identical request arriving meanwhile either
+        // waits on the flight or finds the entry: never a second upstream request.
+        let stored = entry.size() <= self.config.max_entry_bytes
+            && match self.backend.put(Arc::clone(&entry), self.config.ttl).await {
+                Ok(()) => {
+                    self.counters.stores.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(e) => {
+                    self.error(&e);
+                    false
+                }
+            };
         if let Some(leader) = fill.leader {
-            leader.complete(Arc::clone(&entry));
+            leader.complete(entry);
         }
-        if entry.size() > self.config.max_entry_bytes {
-            return false;
-        }
-        match self.backend.put(entry, self.config.ttl).await {
-            Ok(()) => {
-                self.counters.stores.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(e) => {
-                self.error(&e);
-                false
-            }
-        }
+        stored
     }
 
     /// Removes every entry (with Redis: every `cache:` key under the prefix, for the whole

@@ -53,6 +53,7 @@ use serde::Deserialize;
 use crate::transform::rewrite::RuleSet;
 use crate::transform::structured::Policy;
 
+pub use admin::read_token_file;
 pub use cache::{CacheBackend, CacheSettings};
 pub use downstream::Downstream;
 pub use endpoints::{Balance, CircuitBreaker, Endpoint, HealthCheck, Warmup};
@@ -200,6 +201,8 @@ pub struct Config {
     pub logging: Logging,
     /// Admin listener (metrics, health); None disables it.
     pub admin_addr: Option<SocketAddr>,
+    /// `admin.token_file`: the mutating admin endpoints require its token.
+    pub admin_token_file: Option<std::path::PathBuf>,
     pub server: Server,
     pub forwarded: Forwarded,
     pub downstream: Downstream,
@@ -244,6 +247,7 @@ impl RawConfig {
         let has_redis = self.redis.is_some();
         let cache = self.cache.map(|c| c.validate(has_redis)).transpose()?;
         let redis = self.redis.map(redis::RawRedis::validate).transpose()?;
+        let (admin_addr, admin_token_file) = self.admin.validate()?;
         Ok(Config {
             listeners,
             upstream,
@@ -252,7 +256,8 @@ impl RawConfig {
             structured: Arc::new(structured),
             limits: self.limits.validate(),
             logging: self.logging.validate()?,
-            admin_addr: self.admin.validate()?,
+            admin_addr,
+            admin_token_file,
             server: self.server.validate()?,
             forwarded: self.forwarded.validate()?,
             downstream: self.downstream.validate()?,

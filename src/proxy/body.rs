@@ -49,6 +49,8 @@ pub struct BodyState {
     pub bytes_in: u64,
     /// Response body bytes sent to the client.
     pub bytes_out: u64,
+    /// The client's body as received, when it was read whole in `request_filter`.
+    pub raw: Option<Bytes>,
 }
 
 impl Default for BodyState {
@@ -60,6 +62,7 @@ impl Default for BodyState {
             response_rw: None,
             bytes_in: 0,
             bytes_out: 0,
+            raw: None,
         }
     }
 }
@@ -118,6 +121,7 @@ impl Bodies {
             Some(n) if n <= PREREAD_LIMIT_BYTES => {
                 let body = read_whole_body(session, n, limits).await?;
                 st.bytes_in = body.len() as u64;
+                st.raw = Some(body.clone());
                 let planned = self.plan_json_body(body, st);
                 st.plan = BodyPlan::Replace(planned);
             }

@@ -11,6 +11,7 @@
 //! - `failover`: a `failover_on` status goes to another endpoint before any byte reaches the
 //!   client; every attempt's outcome feeds the endpoint's circuit breaker;
 //! - `forwarded`: upstream target, `Host`, `X-Forwarded-*`, `Via`, hop-by-hop fields;
+//! - `cache`: the response cache: lookup (a hit is answered here), collection, store;
 //! - `observe`: request metrics;
 //! - `access_log`: the sampled access line.
 //!
@@ -19,6 +20,7 @@
 
 mod access_log;
 mod body;
+mod cache;
 mod client;
 mod ctx;
 mod failover;
@@ -55,6 +57,7 @@ pub struct Gateway {
     failover: failover::Failover,
     forwarded: forwarded::Forwarding,
     usage: usage::UsageStage,
+    cache: cache::CacheStage,
     access_log: access_log::AccessLog,
 }
 
@@ -63,10 +66,13 @@ impl Gateway {
     /// from the connection itself).
     pub fn new(cfg: Arc<Config>, shared: &Shared) -> Gateway {
         let (upstreams, drain) = (shared.upstreams.clone(), shared.drain.clone());
+        let cache = cache::CacheStage::new(&cfg, shared);
+        let whole = usage::UsageStage::new(&cfg).needs_whole_body() || cache.enabled();
         Gateway {
             client: client::ClientPolicy::new(&cfg, drain),
             limits: limits::Limits::new(&cfg),
-            body: body::Bodies::new(&cfg, usage::UsageStage::new(&cfg).needs_whole_body()),
+            body: body::Bodies::new(&cfg, whole),
+            cache,
             failover: failover::Failover::new(upstreams.clone(), cfg.upstream.max_retries),
             retry: retry::Retries::new(&cfg, upstreams),
             forwarded: forwarded::Forwarding::new(&cfg),
@@ -88,6 +94,7 @@ impl ProxyHttp for Gateway {
             body: body::BodyState::default(),
             log: self.access_log.new_state(),
             usage: usage::UsageState::default(),
+            cache: cache::CacheState::default(),
             timing,
         }
     }
@@ -103,7 +110,9 @@ impl ProxyHttp for Gateway {
         let path = session.req_header().uri.path();
         self.usage
             .request_filter(path, &mut ctx.body, &mut ctx.usage);
-        Ok(false)
+        self.cache
+            .request_filter(session, &ctx.body, &mut ctx.cache)
+            .await
     }
 
     /// Once per attempt: picks an endpoint and address; backs off before a retry.
@@ -208,6 +217,7 @@ impl ProxyHttp for Gateway {
         self.body
             .response_filter(session, resp, &mut ctx.body, from_upstream)?;
         observe::response_filter(resp, &ctx.timing)?;
+        self.cache.response_filter(resp, &mut ctx.cache)?;
         self.forwarded.response_filter(resp)
     }
 
@@ -228,6 +238,8 @@ impl ProxyHttp for Gateway {
         self.body
             .response_body_filter(body, end_of_stream, &mut ctx.body);
         ctx.log.response_chunk(body.as_ref());
+        self.cache
+            .response_body_filter(body.as_ref(), end_of_stream, &mut ctx.cache);
         Ok(None)
     }
 
@@ -300,6 +312,7 @@ impl ProxyHttp for Gateway {
             (None, None) => 0,
         };
         self.usage.finish(&mut ctx.usage);
+        ctx.log.cache = self.cache.logging(e.is_some(), status, &mut ctx.cache);
         observe::request_done(ctx, status);
         self.access_log.logging(session, ctx, status, e);
     }

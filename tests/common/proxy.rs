@@ -43,6 +43,8 @@ pub struct ProxyBuilder {
     h2c: bool,
     tls_listener: Option<(String, String)>,
     admin: bool,
+    /// `admin.token_file`.
+    admin_token_file: Option<String>,
     threads: usize,
     /// `server.grace_period_seconds` and `server.graceful_shutdown_timeout_seconds`.
     drain_s: (u64, u64),
@@ -81,6 +83,7 @@ pub fn proxy(base_url: &str) -> ProxyBuilder {
         h2c: false,
         tls_listener: None,
         admin: false,
+        admin_token_file: None,
         threads: 2,
         drain_s: (0, 0),
     }
@@ -149,6 +152,13 @@ impl ProxyBuilder {
         self
     }
 
+    /// Turns on the admin listener with `admin.token_file` set to `path`.
+    pub fn admin_token_file(mut self, path: &std::path::Path) -> ProxyBuilder {
+        self.admin = true;
+        self.admin_token_file = Some(yaml_str(path.to_str().expect("UTF-8 path")));
+        self
+    }
+
     pub fn threads(mut self, n: usize) -> ProxyBuilder {
         self.threads = n;
         self
@@ -185,7 +195,10 @@ impl ProxyBuilder {
             yaml += &format!("  {k}: {v}\n");
         }
         match at.admin_addr.filter(|_| self.admin) {
-            Some(a) => yaml += &format!("admin: {{addr: \"{a}\"}}\n"),
+            Some(a) => match &self.admin_token_file {
+                Some(t) => yaml += &format!("admin: {{addr: \"{a}\", token_file: {t}}}\n"),
+                None => yaml += &format!("admin: {{addr: \"{a}\"}}\n"),
+            },
             None => yaml += "admin: {addr: ~}\n",
         }
         let path = |name: &str| yaml_str(dir.join(name).to_str().expect("UTF-8 path"));
