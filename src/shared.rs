@@ -4,8 +4,10 @@
 
 use std::sync::Arc;
 
-use crate::config::{Config, ConfigError};
+use crate::clients::ClientKeys;
+use crate::config::{files, Config, ConfigError, LimitStore};
 use crate::lifecycle::DrainSignal;
+use crate::ratelimit::{Limiter, MemoryStore, RedisLimiter};
 use crate::store::RedisStore;
 use crate::upstream::Upstreams;
 
@@ -15,6 +17,10 @@ pub struct Shared {
     pub drain: Arc<DrainSignal>,
     /// The `redis:` section's client; None without one. It connects on its first command.
     pub redis: Option<RedisStore>,
+    /// The client keys (`clients:`); None: the client's own `Authorization` is forwarded.
+    pub clients: Option<Arc<ClientKeys>>,
+    /// The rate limiter (see [`Config::limiter`]); None: nothing is limited.
+    pub limiter: Option<Arc<Limiter>>,
 }
 
 impl Shared {
@@ -26,10 +32,31 @@ impl Shared {
             }
             None => None,
         };
+        let clients = match &cfg.clients {
+            Some(c) => {
+                let key = files::upstream_key("clients.upstream_key_file", &c.upstream_key_file)?;
+                let keys = ClientKeys::new(c.table.clone(), &key)
+                    .map_err(|why| ConfigError::invalid("clients.upstream_key_file", why))?;
+                Some(Arc::new(keys))
+            }
+            None => None,
+        };
+        let limiter = match cfg.limiter().map(|l| l.store) {
+            Some(LimitStore::Redis) => {
+                let store = redis.clone().ok_or_else(|| {
+                    ConfigError::invalid("rate_limit.store", "redis needs a redis: section")
+                })?;
+                Some(Arc::new(Limiter::Redis(RedisLimiter::new(store))))
+            }
+            Some(LimitStore::Memory) => Some(Arc::new(Limiter::Memory(MemoryStore::new()))),
+            None => None,
+        };
         Ok(Arc::new(Shared {
             upstreams: Upstreams::new(&cfg.upstream),
             drain: Arc::new(DrainSignal::default()),
             redis,
+            clients,
+            limiter,
         }))
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! Each hook calls the stages that take part in it, in order; each stage is a file that owns its
 //! config (compiled at start) and its slice of [`RequestCtx`], and knows nothing of the others:
+//! - `auth`: the client key (401 without a known one); the upstream key sent in its place;
 //! - `client`: the client connection's timeouts and keep-alive (off while draining);
 //! - `limits`: header and body limits (431, 400, 413);
 //! - `body`: the body plan (stream, read ahead and replace, hold), structured output, byte rules
@@ -11,6 +12,8 @@
 //! - `failover`: a `failover_on` status goes to another endpoint before any byte reaches the
 //!   client; every attempt's outcome feeds the endpoint's circuit breaker;
 //! - `forwarded`: upstream target, `Host`, `X-Forwarded-*`, `Via`, hop-by-hop fields;
+//! - `ratelimit`: requests and tokens per minute and per day (429), `x-ratelimit-*`, the
+//!   settlement against the real usage, cost;
 //! - `observe`: request metrics;
 //! - `access_log`: the sampled access line.
 //!
@@ -18,6 +21,7 @@
 //! [`crate::error::respond`].
 
 mod access_log;
+mod auth;
 mod body;
 mod client;
 mod ctx;
@@ -25,6 +29,7 @@ mod failover;
 mod forwarded;
 mod limits;
 mod observe;
+mod ratelimit;
 mod retry;
 mod usage;
 
@@ -48,6 +53,8 @@ pub use ctx::RequestCtx;
 
 /// The proxy: every stage, compiled from the configuration at start.
 pub struct Gateway {
+    auth: auth::Auth,
+    rate_limits: ratelimit::RateLimits,
     client: client::ClientPolicy,
     limits: limits::Limits,
     body: body::Bodies,
@@ -64,6 +71,8 @@ impl Gateway {
     pub fn new(cfg: Arc<Config>, shared: &Shared) -> Gateway {
         let (upstreams, drain) = (shared.upstreams.clone(), shared.drain.clone());
         Gateway {
+            auth: auth::Auth::new(shared),
+            rate_limits: ratelimit::RateLimits::new(&cfg, shared),
             client: client::ClientPolicy::new(&cfg, drain),
             limits: limits::Limits::new(&cfg),
             body: body::Bodies::new(&cfg, usage::UsageStage::new(&cfg).needs_whole_body()),
@@ -84,6 +93,8 @@ impl ProxyHttp for Gateway {
         METRICS.in_flight.inc();
         let timing = ctx::Timing::start();
         RequestCtx {
+            auth: auth::AuthState::default(),
+            limit: ratelimit::LimitState::default(),
             attempt: self.retry.new_state(timing.started),
             body: body::BodyState::default(),
             log: self.access_log.new_state(),
@@ -92,8 +103,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// Runs first for every request: the warm-up pin, client settings, limits, the body plan.
+    /// Runs first for every request: the client key, the warm-up pin, client settings, limits,
+    /// the body plan, the rate limits.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.auth
+            .request_filter(session.req_header(), &mut ctx.auth)?;
         self.retry.request_filter(session, &mut ctx.attempt);
         self.client.request_filter(session);
         let content_length = self.limits.request_filter(session.req_header())?;
@@ -103,6 +117,10 @@ impl ProxyHttp for Gateway {
         let path = session.req_header().uri.path();
         self.usage
             .request_filter(path, &mut ctx.body, &mut ctx.usage);
+        let (auth, body, limit) = (&ctx.auth, &ctx.body, &mut ctx.limit);
+        self.rate_limits
+            .request_filter(session, auth, body, content_length, limit, &mut ctx.attempt)
+            .await?;
         Ok(false)
     }
 
@@ -151,6 +169,7 @@ impl ProxyHttp for Gateway {
         self.forwarded
             .upstream_request_filter(session, req, ctx.attempt.endpoint())?;
         self.body.upstream_request_filter(req, &ctx.body)?;
+        self.auth.upstream_request_filter(req)?;
         ctx.timing.upstream_sent = Some(Instant::now());
         Ok(())
     }
@@ -208,6 +227,7 @@ impl ProxyHttp for Gateway {
         self.body
             .response_filter(session, resp, &mut ctx.body, from_upstream)?;
         observe::response_filter(resp, &ctx.timing)?;
+        self.rate_limits.response_filter(resp, &ctx.limit)?;
         self.forwarded.response_filter(resp)
     }
 
@@ -301,6 +321,8 @@ impl ProxyHttp for Gateway {
         };
         self.usage.finish(&mut ctx.usage);
         observe::request_done(ctx, status);
+        let (auth, usage, limit) = (&ctx.auth, &ctx.usage, &mut ctx.limit);
+        self.rate_limits.logging(auth, usage, status, limit).await;
         self.access_log.logging(session, ctx, status, e);
     }
 
