@@ -113,29 +113,31 @@ impl RateLimits {
         st: &mut LimitState,
     ) {
         let used = usage.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
-        if let (Some((p, c)), Some(key)) = (used, &auth.key) {
+        if let (Some((limiter, _)), Some(a), Some((who, limits))) =
+            (&self.limiter, st.admission.take(), st.subject.take())
+        {
+            // No usage on a failed answer: nothing was generated. No usage on a success: keep
+            // the estimate rather than guess.
+            let actual = match used {
+                Some((p, c)) => Some(p.saturating_add(c)),
+                None if !(200..300).contains(&status) => Some(0),
+                None => None,
+            };
+            if let Some(actual) = actual.filter(|n| *n != a.reservation.tokens) {
+                let _ = limiter.settle(&who, &limits, &a.reservation, actual).await;
+            }
+        }
+        let Some((p, c)) = used else {
+            return;
+        };
+        if let Some(key) = &auth.key {
             key.count_tokens(p.saturating_add(c));
         }
-        if let (Some((p, c)), false) = (used, self.prices.is_empty()) {
+        if !self.prices.is_empty() {
             let model = usage.model.as_deref().unwrap_or("-");
             if let Some(cost) = self.prices.cost(model, p, c) {
                 METRICS.cost.with([auth.key_name(), model]).add(cost);
             }
-        }
-        let (Some((limiter, _)), Some(a), Some((who, limits))) =
-            (&self.limiter, st.admission.take(), st.subject.take())
-        else {
-            return;
-        };
-        // No usage on a failed answer: nothing was generated. No usage on a success: keep the
-        // estimate rather than guess.
-        let actual = match used {
-            Some((p, c)) => p.saturating_add(c),
-            None if !(200..300).contains(&status) => 0,
-            None => return,
-        };
-        if a.reservation.tokens != actual {
-            let _ = limiter.settle(&who, &limits, &a.reservation, actual).await;
         }
     }
 }
