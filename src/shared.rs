@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::clients::ClientKeys;
-use crate::config::{files, Config, ConfigError, LimitStore};
+use crate::config::{Config, ConfigError, LimitStore};
 use crate::lifecycle::DrainSignal;
 use crate::ratelimit::{Limiter, MemoryStore, RedisLimiter};
 use crate::store::RedisStore;
@@ -34,7 +34,15 @@ impl Shared {
         };
         let clients = match &cfg.clients {
             Some(c) => {
-                let key = files::upstream_key("clients.upstream_key_file", &c.upstream_key_file)?;
+                // `Config::from_file` checked (and warned about) the file; read it once more here
+                // so the key in use is the one on disk now.
+                let key =
+                    crate::clients::read_upstream_key(&c.upstream_key_file).map_err(|why| {
+                        ConfigError::invalid(
+                            "clients.upstream_key_file",
+                            why.trim_start_matches("clients.upstream_key_file: "),
+                        )
+                    })?;
                 let keys = ClientKeys::new(c.table.clone(), &key)
                     .map_err(|why| ConfigError::invalid("clients.upstream_key_file", why))?;
                 Some(Arc::new(keys))

@@ -101,4 +101,28 @@ mod tests {
         let e = err(&format!("{MINIMAL}clients: {{keys: []}}\n"));
         assert!(e.contains("upstream_key_file"), "{e}");
     }
+
+    #[test]
+    fn config_test_checks_the_upstream_key_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("ark.key");
+        let conf = dir.path().join("arkgate.yaml");
+        let yaml = format!(
+            "{MINIMAL}clients:\n  upstream_key_file: {}\n  keys: [{{name: a, key_sha256: \"{}\"}}]\n",
+            key.display(),
+            hash_key("ak-1")
+        );
+        std::fs::write(&conf, yaml).expect("write");
+        let e = Config::from_file(&conf).expect_err("missing key file");
+        assert!(
+            e.to_string()
+                .starts_with("clients.upstream_key_file: cannot read"),
+            "{e}"
+        );
+        std::fs::write(&key, "\n").expect("write");
+        let e = Config::from_file(&conf).expect_err("empty key file");
+        assert!(e.to_string().ends_with("is empty"), "{e}");
+        std::fs::write(&key, "sk-secret\n").expect("write");
+        Config::from_file(&conf).expect("a readable key");
+    }
 }
