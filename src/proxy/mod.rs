@@ -294,9 +294,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// Refused requests (431, 413, …) are the client's doing: no error log line for them.
+    /// Refused requests (431, 413, …) are the client's doing: no error log line for them. Nor
+    /// for a limit store that is down: the store logs that at most once a second.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        classify(e).failure.is_client_error()
+        let failure = classify(e).failure;
+        failure.is_client_error() || failure == error::Failure::LimitStoreDown
     }
 
     /// A failover on a status is routine: no retry warning for it.
