@@ -34,6 +34,7 @@ pub struct Auth {
 }
 
 impl Auth {
+    /// The stage over the shared key table.
     pub fn new(shared: &Shared) -> Auth {
         Auth {
             keys: shared.clients.clone(),

@@ -42,6 +42,7 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
+    /// The stage over the shared limiter, with the prices.
     pub fn new(cfg: &Config, shared: &Shared) -> RateLimits {
         RateLimits {
             limiter: shared.limiter.clone().zip(cfg.limiter()),
