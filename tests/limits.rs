@@ -546,3 +546,24 @@ async fn no_key_appears_in_the_log_metrics_keys_or_error_bodies() {
         assert!(!seen.contains(secret), "{secret} leaked:\n{seen}");
     }
 }
+
+#[tokio::test]
+async fn by_client_ip_counts_the_address_whatever_the_token_and_defaults_apply() {
+    let mock = MockUpstream::start(MockConfig::h1().reply(|_| Reply::json(usage_json(1, 1))));
+    let proxy = proxy(&mock.base_url("/v1"))
+        .yaml("rate_limit: {by: client_ip, rpm: 2}\n")
+        .start();
+    let body = chat_body(false, 1);
+    let statuses = [
+        chat(proxy.addr, Some("sk-ip-one"), &body).await.status,
+        chat(proxy.addr, Some("sk-ip-two"), &body).await.status,
+        chat(proxy.addr, None, &body).await.status,
+    ];
+    assert_eq!(statuses, [200, 200, 429]);
+    assert_eq!(mock.request_count(), 2);
+    // Without clients: the client's own Authorization goes upstream untouched.
+    assert_eq!(
+        mock.requests()[0].header_str("authorization"),
+        Some("Bearer sk-ip-one")
+    );
+}
