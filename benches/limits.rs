@@ -1,9 +1,10 @@
 //! Cost of the per-request limit checks: the pure GCRA check (`gcra/check`), a full admission
 //! in the memory store (`memory/admit`, one caller and 10 000 callers), a client key lookup over
 //! 100 keys (`keys/lookup_100`: SHA-256 plus a constant-time compare against every entry) beside
-//! a bare SHA-256 of the same token (`keys/sha256_only`, the floor of any hashed lookup), and,
-//! when `redis-server` can be started, one admission round trip to a local Redis
-//! (`redis/admit`). Every input is built before timing starts.
+//! a bare SHA-256 of the same token (`keys/sha256_only`, the floor of any hashed lookup), and
+//! one limit check as the proxy makes it, with the memory store and with a real Redis started
+//! for the run (`limit_check/memory`, `limit_check/redis`). Every input is built before timing
+//! starts.
 
 use std::hint::black_box;
 use std::net::TcpListener;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use arkgate::clients::{hash_key, KeyEntry, KeyTable};
 use arkgate::ratelimit::gcra::{self, Bucket};
-use arkgate::ratelimit::{Limits, MemoryStore, RedisLimiter};
+use arkgate::ratelimit::{Limiter, Limits, MemoryStore, RedisLimiter};
 use arkgate::store::{RedisConfig, RedisStore};
 use criterion::{criterion_group, criterion_main, Criterion};
 use sha2::{Digest, Sha256};
@@ -139,28 +140,47 @@ impl Drop for Server {
     }
 }
 
-fn bench_redis(c: &mut Criterion) {
-    let Some(server) = Server::start() else {
-        eprintln!("redis-server could not be started: redis/admit skipped");
-        return;
-    };
+/// One limit check as the proxy's stage makes it (`Limiter::admit`, through the enum), with the
+/// memory store and with a real Redis side by side in one group: `limit_check/memory`,
+/// `limit_check/redis`. The redis-server is started here on a free port and stopped at the end.
+fn bench_limit_check(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    let mut group = c.benchmark_group("limit_check");
+    let memory = Limiter::Memory(MemoryStore::new());
+    group.bench_function("memory", |b| {
+        b.iter(|| runtime.block_on(memory.admit(black_box("key:bench"), &HIGH, black_box(500))))
+    });
+    let Some(server) = Server::start() else {
+        eprintln!("redis-server could not be started: limit_check/redis skipped");
+        group.finish();
+        return;
+    };
     let url = format!("redis://127.0.0.1:{}/0", server.port);
     let config = RedisConfig::new(&url, "bench:", Duration::from_millis(500)).expect("config");
-    let limiter = RedisLimiter::new(RedisStore::new(&config).expect("store"));
-    let admitted = runtime.block_on(limiter.admit("key:bench", &HIGH, 500));
-    if admitted.is_err() {
-        eprintln!("Redis did not answer: redis/admit skipped");
+    let redis = Limiter::Redis(RedisLimiter::new(RedisStore::new(&config).expect("store")));
+    if runtime
+        .block_on(redis.admit("key:bench", &HIGH, 500))
+        .is_err()
+    {
+        eprintln!("Redis did not answer: limit_check/redis skipped");
+        group.finish();
         return;
     }
-    c.bench_function("redis/admit", |b| {
-        b.iter(|| runtime.block_on(limiter.admit(black_box("key:bench"), &HIGH, black_box(500))))
+    group.bench_function("redis", |b| {
+        b.iter(|| runtime.block_on(redis.admit(black_box("key:bench"), &HIGH, black_box(500))))
     });
+    group.finish();
     drop(server);
 }
 
-criterion_group!(benches, bench_gcra, bench_memory, bench_keys, bench_redis);
+criterion_group!(
+    benches,
+    bench_gcra,
+    bench_memory,
+    bench_keys,
+    bench_limit_check
+);
 criterion_main!(benches);

@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (200; 503 while draining or
-//! until the warm-up is done), `/upstreams` (the endpoints' state as JSON) and `/cache`
-//! (`GET`: the cache's counters; `DELETE`: clear it, or one model's entries with `?model=`).
+//! until the warm-up is done), `/upstreams` (the endpoints' state as JSON), `/cache` (`GET`: the
+//! cache's counters; `DELETE`: clear it, or one model's entries with `?model=`) and `/keys` (each
+//! client key's usage today and remaining budget; 404 without `clients:`).
 //!
 //! It listens on its own address (loopback by default) and never proxies anything. With
 //! `admin.token_file`, the mutating endpoints (`DELETE /cache`) require
@@ -137,6 +138,17 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path();
         let (status, ctype, body) = match path {
+            "/keys" => match &self.shared.clients {
+                Some(keys) => (
+                    200,
+                    "application/json",
+                    keys.status_json(self.shared.limiter.as_deref())
+                        .await
+                        .to_string()
+                        .into_bytes(),
+                ),
+                None => (404, "text/plain", b"no client keys configured\n".to_vec()),
+            },
             "/metrics" => (200, "text/plain; version=0.0.4", {
                 let mut text = metrics::render(self.shared.drain.is_draining());
                 self.shared.upstreams.render_metrics(&mut text);

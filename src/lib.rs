@@ -15,15 +15,16 @@
 //! - [`shared`]: the state every proxy app and the admin listener share (endpoints, drain
 //!   signal, the Redis client), built once at start.
 //! - [`lifecycle`]: the per-server drain signal and the watcher that sets it.
-//! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/upstreams`).
+//! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/upstreams`, `/keys`).
 //! - [`cache`]: the response cache: request keys, stored entries, memory and Redis backends,
 //!   in-flight coalescing.
-//! - [`clients`]: client keys (looked up by SHA-256 in constant time), the upstream key file,
-//!   and the `arkgate key` command.
+//! - [`clients`]: client keys (looked up by SHA-256 in constant time), each key's record and
+//!   today's counts, the upstream key file, and the `arkgate key` command.
 //! - [`downstream`]: client connections around the proxy: first-request deadline, h2c sniffing,
 //!   and the deferred cleanup that makes graceful upgrades lossless.
-//! - [`proxy`]: the `ProxyHttp` implementation: each hook calls the stages (client, limits,
-//!   body, retry, forwarded, observe, access log), one file each with its slice of the context.
+//! - [`proxy`]: the `ProxyHttp` implementation: each hook calls the stages (auth, client,
+//!   limits, body, retry, forwarded, usage, rate limits, observe, access log), one file each
+//!   with its slice of the context.
 //! - [`transform`]: pure body transforms: the streaming byte replacer, the schema-aware
 //!   `json_schema` downgrade, the model sniffer.
 //! - [`upstream`]: the endpoints (selection, circuit breaker, health checks, warm-up, DNS,

@@ -5,8 +5,10 @@
 use std::sync::Arc;
 
 use crate::cache::Cache;
-use crate::config::{CacheBackend, Config, ConfigError};
+use crate::clients::ClientKeys;
+use crate::config::{CacheBackend, Config, ConfigError, LimitStore};
 use crate::lifecycle::DrainSignal;
+use crate::ratelimit::{Limiter, MemoryStore, RedisLimiter};
 use crate::store::RedisStore;
 use crate::upstream::Upstreams;
 
@@ -20,6 +22,10 @@ pub struct Shared {
     pub cache: Option<Arc<Cache>>,
     /// The admin token (`admin.token_file`, read at start); None: the admin listener is open.
     pub admin_token: Option<crate::admin::AdminToken>,
+    /// The client keys (`clients:`); None: the client's own `Authorization` is forwarded.
+    pub clients: Option<Arc<ClientKeys>>,
+    /// The rate limiter (see [`Config::limiter`]); None: nothing is limited.
+    pub limiter: Option<Arc<Limiter>>,
 }
 
 impl Shared {
@@ -44,12 +50,41 @@ impl Shared {
             Some(path) => Some(crate::admin::AdminToken::read(path)?),
             None => None,
         };
+        let clients = match &cfg.clients {
+            Some(c) => {
+                // `Config::from_file` checked (and warned about) the file; read it once more here
+                // so the key in use is the one on disk now.
+                let key =
+                    crate::clients::read_upstream_key(&c.upstream_key_file).map_err(|why| {
+                        ConfigError::invalid(
+                            "clients.upstream_key_file",
+                            why.trim_start_matches("clients.upstream_key_file: "),
+                        )
+                    })?;
+                let keys = ClientKeys::new(c.table.clone(), &key)
+                    .map_err(|why| ConfigError::invalid("clients.upstream_key_file", why))?;
+                Some(Arc::new(keys))
+            }
+            None => None,
+        };
+        let limiter = match cfg.limiter().map(|l| l.store) {
+            Some(LimitStore::Redis) => {
+                let store = redis.clone().ok_or_else(|| {
+                    ConfigError::invalid("rate_limit.store", "redis needs a redis: section")
+                })?;
+                Some(Arc::new(Limiter::Redis(RedisLimiter::new(store))))
+            }
+            Some(LimitStore::Memory) => Some(Arc::new(Limiter::Memory(MemoryStore::new()))),
+            None => None,
+        };
         Ok(Arc::new(Shared {
             upstreams: Upstreams::new(&cfg.upstream),
             drain: Arc::new(DrainSignal::default()),
             redis,
             cache,
             admin_token,
+            clients,
+            limiter,
         }))
     }
 }

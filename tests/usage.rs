@@ -54,7 +54,7 @@ async fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
 }
 
 fn tokens(m: &HashMap<String, f64>, model: &str, kind: &str) -> f64 {
-    let key = format!("arkgate_tokens_total{{model=\"{model}\",type=\"{kind}\"}}");
+    let key = format!("arkgate_tokens_total{{key=\"-\",model=\"{model}\",type=\"{kind}\"}}");
     m.get(&key).copied().unwrap_or(0.0)
 }
 
@@ -181,7 +181,7 @@ async fn an_answer_without_usage_is_counted_as_missing_not_as_zero_tokens() {
     assert_eq!(r.status, 200);
     let m = metrics_when(admin, |m| m["arkgate_usage_missing_total"] >= before + 1.0).await;
     assert!(m["arkgate_usage_missing_total"] >= before + 1.0);
-    let key = format!("arkgate_tokens_total{{model=\"{model}\",type=\"prompt\"}}");
+    let key = format!("arkgate_tokens_total{{key=\"-\",model=\"{model}\",type=\"prompt\"}}");
     assert!(
         !m.contains_key(&key),
         "missing usage must not become zero tokens"

@@ -6,12 +6,14 @@
 //! token, or with one matching no entry, is answered 401 `invalid_api_key`. The upstream never
 //! sees the client's token: the configured ARK key replaces it.
 
+pub mod gate;
 pub mod keys;
 
 use std::fmt;
 use std::io::{BufRead, Write};
 use std::path::Path;
 
+pub use self::gate::{ClientKeys, KeyRecord, Today};
 pub use self::keys::{bearer, hash_key, new_key, ClientKey, KeyEntry, KeyTable};
 
 /// The OpenAI error code for a missing or unknown client key.

@@ -24,7 +24,21 @@ pub fn check_files(cfg: &Config) -> Result<(), ConfigError> {
     if let Some(ca) = &cfg.upstream.ca_file {
         check_ca_file("upstream.ca_file", ca)?;
     }
+    if let Some(clients) = &cfg.clients {
+        upstream_key("clients.upstream_key_file", &clients.upstream_key_file)?;
+    }
     Ok(())
+}
+
+/// The upstream key file must be readable and hold one non-empty line; a mode wider than 0600
+/// is a warning (logged here), not an error. Errors and warnings name the path, never the key.
+pub fn upstream_key(key: &str, path: &Path) -> Result<crate::clients::UpstreamKey, ConfigError> {
+    let read = crate::clients::read_upstream_key(path)
+        .map_err(|why| ConfigError::invalid(key, why.trim_start_matches(&format!("{key}: "))))?;
+    if let Some(warning) = &read.warning {
+        log::warn!("{warning}");
+    }
+    Ok(read)
 }
 
 /// Pingora TLS settings for a listener (intermediate profile, h2 offered by ALPN). Fails,

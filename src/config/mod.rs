@@ -21,6 +21,9 @@
 //! - `forwarded.rs`: `forwarded:`, trusted proxies and `Via` ([`Forwarded`]).
 //! - `cache.rs`: `cache:`, the response cache ([`CacheSettings`]).
 //! - `redis.rs`: `redis:`, the shared Redis client's settings.
+//! - `clients.rs`: `clients:`, client keys and the upstream key file ([`Clients`]).
+//! - `rate_limit.rs`: `rate_limit:`, the limiter's store, subject and defaults ([`RateLimit`]).
+//! - `prices.rs`: `prices:`, what each model's tokens cost ([`Prices`]).
 //!
 //! Besides the sections: `net.rs` holds the network values several sections share ([`Cidr`],
 //! `IP:port`, `host[:port]`), and [`files`] every check that touches the filesystem.
@@ -28,6 +31,7 @@
 
 mod admin;
 mod cache;
+mod clients;
 mod downstream;
 mod endpoints;
 pub mod files;
@@ -36,6 +40,8 @@ mod limits;
 mod listen;
 mod logging;
 mod net;
+mod prices;
+mod rate_limit;
 mod redis;
 mod rules;
 mod server;
@@ -55,6 +61,7 @@ use crate::transform::structured::Policy;
 
 pub use admin::read_token_file;
 pub use cache::{CacheBackend, CacheSettings};
+pub use clients::Clients;
 pub use downstream::Downstream;
 pub use endpoints::{Balance, CircuitBreaker, Endpoint, HealthCheck, Warmup};
 pub use forwarded::Forwarded;
@@ -62,6 +69,8 @@ pub use limits::Limits;
 pub use listen::{Listener, TlsFiles};
 pub use logging::{LogFormat, Logging};
 pub use net::Cidr;
+pub use prices::Prices;
+pub use rate_limit::{LimitBy, LimitStore, RateLimit};
 pub use server::Server;
 pub use upstream::{HttpVersion, Upstream, DEFAULT_BASE_URL};
 pub use usage::Usage;
@@ -185,6 +194,10 @@ struct RawConfig {
     usage: usage::RawUsage,
     cache: Option<cache::RawCache>,
     redis: Option<redis::RawRedis>,
+    clients: Option<clients::RawClients>,
+    rate_limit: Option<rate_limit::RawRateLimit>,
+    #[serde(default)]
+    prices: Vec<prices::RawPrice>,
 }
 
 /// The whole validated configuration.
@@ -211,6 +224,13 @@ pub struct Config {
     pub cache: Option<CacheSettings>,
     /// The shared Redis (`redis:`); None: no feature may use a Redis backend.
     pub redis: Option<crate::store::RedisConfig>,
+    /// Client keys; None: the client's own `Authorization` is forwarded.
+    pub clients: Option<Clients>,
+    /// The limiter; None: no `rate_limit:` section (client keys with limits still get one, see
+    /// [`Config::limiter`]).
+    pub rate_limit: Option<RateLimit>,
+    /// Prices per model (empty: no cost counted).
+    pub prices: Prices,
 }
 
 impl Config {
@@ -237,6 +257,33 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The limiter's settings: `rate_limit:`, or memory-store defaults when only `clients`
+    /// entries carry limits; None when nothing is limited.
+    pub fn limiter(&self) -> Option<RateLimit> {
+        let keys_limited = self
+            .clients
+            .as_ref()
+            .is_some_and(|c| c.table.keys().iter().any(|k| !k.limits.is_unlimited()));
+        self.rate_limit
+            .or_else(|| keys_limited.then(RateLimit::for_keys_only))
+    }
+
+    /// Whether some limit counts tokens, so every answer's usage is needed.
+    pub fn counts_tokens(&self) -> bool {
+        let by_key = self.clients.as_ref().is_some_and(|c| {
+            c.table
+                .keys()
+                .iter()
+                .any(|k| k.limits.tpm > 0 || k.limits.daily_tokens > 0)
+        });
+        let by_default = self
+            .rate_limit
+            .is_some_and(|r| r.defaults.tpm > 0 || r.defaults.daily_tokens > 0);
+        by_key || by_default
+    }
+}
+
 impl RawConfig {
     /// Validates each section in file order; the first error wins.
     fn validate(self) -> Result<Config, ConfigError> {
@@ -248,6 +295,12 @@ impl RawConfig {
         let cache = self.cache.map(|c| c.validate(has_redis)).transpose()?;
         let redis = self.redis.map(redis::RawRedis::validate).transpose()?;
         let (admin_addr, admin_token_file) = self.admin.validate()?;
+        let clients = self
+            .clients
+            .map(clients::RawClients::validate)
+            .transpose()?;
+        let rate_limit = self.rate_limit.map(|r| r.validate(has_redis)).transpose()?;
+        let prices = prices::validate(self.prices)?;
         Ok(Config {
             listeners,
             upstream,
@@ -264,6 +317,9 @@ impl RawConfig {
             usage: self.usage.validate(),
             cache,
             redis,
+            clients,
+            rate_limit,
+            prices,
         })
     }
 }

@@ -4,8 +4,9 @@
 //! Each field is a named metric listed in the registry (`super::REGISTRY`); the request path moves
 //! them with `METRICS.retries.inc()`, `METRICS.count_status(..)`, `METRICS.observe_request(..)`.
 
+use super::family::Family;
 use super::family::{CounterVec, HistogramVec, Named};
-use super::value::{Counter, Gauge, Histogram};
+use super::value::{Counter, FloatCounter, Gauge, Histogram};
 
 /// The gateway's metrics, named as `/metrics` shows them.
 pub struct Metrics {
@@ -15,8 +16,16 @@ pub struct Metrics {
     pub upstream_duration: Named<Histogram>,
     /// `arkgate_ttft_seconds{model}`: arrival to the first SSE data event sent to the client.
     pub ttft: HistogramVec<1>,
-    /// `arkgate_tokens_total{model,type}`: tokens the upstream reported.
-    pub tokens: CounterVec<2>,
+    /// `arkgate_tokens_total{key,model,type}`: tokens the upstream reported, by client key name
+    /// (`-` without client keys).
+    pub tokens: CounterVec<3>,
+    /// `arkgate_cost_total{key,model}`: the tokens' cost by `prices:`.
+    pub cost: Family<FloatCounter, 2>,
+    /// `arkgate_rate_limited_total{key,reason}`: requests refused by a limit (rpm, tpm, daily).
+    pub rate_limited: CounterVec<2>,
+    /// `arkgate_rate_limit_store_errors_total{action}`: checks the limit store could not answer,
+    /// by what `on_store_error` did (allow, deny).
+    pub limit_store_errors: CounterVec<1>,
     /// `arkgate_usage_missing_total`: answers that should have carried usage and did not.
     pub usage_missing: Named<Counter>,
     /// `arkgate_in_flight_requests`.
@@ -105,8 +114,23 @@ pub static METRICS: Metrics = Metrics {
     ),
     tokens: CounterVec::new(
         "arkgate_tokens_total",
-        "Tokens reported by the upstream's usage, by model and type (prompt, completion).",
-        ["model", "type"],
+        "Tokens reported by the upstream's usage, by client key, model and type (prompt, completion).",
+        ["key", "model", "type"],
+    ),
+    cost: Family::new(
+        "arkgate_cost_total",
+        "Cost of the tokens reported, by client key and model, at the configured prices.",
+        ["key", "model"],
+    ),
+    rate_limited: CounterVec::new(
+        "arkgate_rate_limited_total",
+        "Requests refused by a rate limit, by client key and limit (rpm, tpm, daily).",
+        ["key", "reason"],
+    ),
+    limit_store_errors: CounterVec::new(
+        "arkgate_rate_limit_store_errors_total",
+        "Limit checks the store (Redis) could not answer, by the on_store_error action taken.",
+        ["action"],
     ),
     usage_missing: counter(
         "arkgate_usage_missing_total",

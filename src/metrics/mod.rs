@@ -32,7 +32,7 @@ pub use family::{
     MAX_LABEL_VALUE_BYTES, OVERFLOW_LABEL_VALUE,
 };
 pub use gateway::{Metrics, METRICS};
-pub use value::{Counter, Gauge, Histogram, Metric, BUCKET_BOUNDS_NS};
+pub use value::{Counter, FloatCounter, Gauge, Histogram, Metric, BUCKET_BOUNDS_NS};
 
 /// Every metric `/metrics` shows, in this order. A new metric is one line here.
 pub static REGISTRY: &[&dyn Render] = &[
@@ -45,6 +45,9 @@ pub static REGISTRY: &[&dyn Render] = &[
     &METRICS.ttft,
     &METRICS.tokens,
     &METRICS.usage_missing,
+    &METRICS.cost,
+    &METRICS.rate_limited,
+    &METRICS.limit_store_errors,
     &METRICS.upstream_connections_new,
     &METRICS.upstream_connections_reused,
     &METRICS.upstream_5xx,

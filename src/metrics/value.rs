@@ -100,6 +100,46 @@ impl Metric for Counter {
     }
 }
 
+/// A count that only goes up by fractions (money): an `f64` kept as bits in one atomic.
+#[derive(Debug, Default)]
+pub struct FloatCounter(AtomicU64);
+
+impl FloatCounter {
+    /// A counter at zero.
+    pub const fn new() -> FloatCounter {
+        FloatCounter(AtomicU64::new(0))
+    }
+
+    /// Adds `v` (ignored unless finite and positive).
+    pub fn add(&self, v: f64) {
+        if !(v.is_finite() && v > 0.0) {
+            return;
+        }
+        let _ = self.0.fetch_update(Relaxed, Relaxed, |bits| {
+            Some((f64::from_bits(bits) + v).to_bits())
+        });
+    }
+
+    /// The current value.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Relaxed))
+    }
+}
+
+impl Metric for FloatCounter {
+    const TYPE: &'static str = "counter";
+
+    fn zero() -> Self {
+        FloatCounter::new()
+    }
+
+    fn write_samples(&self, out: &mut String, name: &str, labels: &str) {
+        out.push_str(name);
+        write_braced(out, labels);
+        let _ = writeln!(out, " {}", self.get());
+    }
+}
+
 /// A value that goes up and down (requests in flight, open connections).
 #[derive(Debug, Default)]
 pub struct Gauge(AtomicI64);

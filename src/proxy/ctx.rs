@@ -6,13 +6,19 @@
 use std::time::Instant;
 
 use super::access_log::LogState;
+use super::auth::AuthState;
 use super::body::BodyState;
 use super::cache::CacheState;
+use super::ratelimit::LimitState;
 use super::retry::AttemptState;
 use super::usage::UsageState;
 
 /// Per-request state, one field per stage.
 pub struct RequestCtx {
+    /// The caller's client key (the `auth` stage).
+    pub auth: AuthState,
+    /// The rate limiter's admission (the `ratelimit` stage).
+    pub limit: LimitState,
     /// When the request arrived, when it went upstream and when the upstream answered.
     pub timing: Timing,
     /// Attempts, the chosen endpoint and address, the deadline, the failover state (the `retry`

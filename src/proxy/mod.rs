@@ -2,6 +2,7 @@
 //!
 //! Each hook calls the stages that take part in it, in order; each stage is a file that owns its
 //! config (compiled at start) and its slice of [`RequestCtx`], and knows nothing of the others:
+//! - `auth`: the client key (401 without a known one); the upstream key sent in its place;
 //! - `client`: the client connection's timeouts and keep-alive (off while draining);
 //! - `limits`: header and body limits (431, 400, 413);
 //! - `body`: the body plan (stream, read ahead and replace, hold), structured output, byte rules
@@ -12,6 +13,8 @@
 //!   client; every attempt's outcome feeds the endpoint's circuit breaker;
 //! - `forwarded`: upstream target, `Host`, `X-Forwarded-*`, `Via`, hop-by-hop fields;
 //! - `cache`: the response cache: lookup (a hit is answered here), collection, store;
+//! - `ratelimit`: requests and tokens per minute and per day (429), `x-ratelimit-*`, the
+//!   settlement against the real usage, cost;
 //! - `observe`: request metrics;
 //! - `access_log`: the sampled access line.
 //!
@@ -19,6 +22,7 @@
 //! [`crate::error::respond`].
 
 mod access_log;
+mod auth;
 mod body;
 mod cache;
 mod client;
@@ -27,6 +31,7 @@ mod failover;
 mod forwarded;
 mod limits;
 mod observe;
+mod ratelimit;
 mod retry;
 mod usage;
 
@@ -50,6 +55,8 @@ pub use ctx::RequestCtx;
 
 /// The proxy: every stage, compiled from the configuration at start.
 pub struct Gateway {
+    auth: auth::Auth,
+    rate_limits: ratelimit::RateLimits,
     client: client::ClientPolicy,
     limits: limits::Limits,
     body: body::Bodies,
@@ -69,6 +76,8 @@ impl Gateway {
         let cache = cache::CacheStage::new(&cfg, shared);
         let whole = usage::UsageStage::new(&cfg).needs_whole_body() || cache.enabled();
         Gateway {
+            auth: auth::Auth::new(shared),
+            rate_limits: ratelimit::RateLimits::new(&cfg, shared),
             client: client::ClientPolicy::new(&cfg, drain),
             limits: limits::Limits::new(&cfg),
             body: body::Bodies::new(&cfg, whole),
@@ -90,6 +99,8 @@ impl ProxyHttp for Gateway {
         METRICS.in_flight.inc();
         let timing = ctx::Timing::start();
         RequestCtx {
+            auth: auth::AuthState::default(),
+            limit: ratelimit::LimitState::default(),
             attempt: self.retry.new_state(timing.started),
             body: body::BodyState::default(),
             log: self.access_log.new_state(),
@@ -99,8 +110,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// Runs first for every request: the warm-up pin, client settings, limits, the body plan.
+    /// Runs first for every request: the client key, the warm-up pin, client settings, limits,
+    /// the body plan, the rate limits.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.auth
+            .request_filter(session.req_header(), &mut ctx.auth)?;
         self.retry.request_filter(session, &mut ctx.attempt);
         self.client.request_filter(session);
         let content_length = self.limits.request_filter(session.req_header())?;
@@ -110,6 +124,10 @@ impl ProxyHttp for Gateway {
         let path = session.req_header().uri.path();
         self.usage
             .request_filter(path, &mut ctx.body, &mut ctx.usage);
+        let (auth, body, limit) = (&ctx.auth, &ctx.body, &mut ctx.limit);
+        self.rate_limits
+            .request_filter(session, auth, body, content_length, limit, &mut ctx.attempt)
+            .await?;
         self.cache
             .request_filter(session, &ctx.body, &mut ctx.cache)
             .await
@@ -160,6 +178,7 @@ impl ProxyHttp for Gateway {
         self.forwarded
             .upstream_request_filter(session, req, ctx.attempt.endpoint())?;
         self.body.upstream_request_filter(req, &ctx.body)?;
+        self.auth.upstream_request_filter(req)?;
         ctx.timing.upstream_sent = Some(Instant::now());
         Ok(())
     }
@@ -217,6 +236,7 @@ impl ProxyHttp for Gateway {
         self.body
             .response_filter(session, resp, &mut ctx.body, from_upstream)?;
         observe::response_filter(resp, &ctx.timing)?;
+        self.rate_limits.response_filter(resp, &ctx.limit)?;
         self.cache.response_filter(resp, &mut ctx.cache)?;
         self.forwarded.response_filter(resp)
     }
@@ -286,9 +306,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// Refused requests (431, 413, …) are the client's doing: no error log line for them.
+    /// Refused requests (431, 413, …) are the client's doing: no error log line for them. Nor
+    /// for a limit store that is down: the store logs that at most once a second.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        classify(e).failure.is_client_error()
+        let failure = classify(e).failure;
+        failure.is_client_error() || failure == error::Failure::LimitStoreDown
     }
 
     /// A failover on a status is routine: no retry warning for it.
@@ -314,6 +336,8 @@ impl ProxyHttp for Gateway {
         self.usage.finish(&mut ctx.usage);
         ctx.log.cache = self.cache.logging(e.is_some(), status, &mut ctx.cache);
         observe::request_done(ctx, status);
+        let (auth, usage, limit) = (&ctx.auth, &ctx.usage, &mut ctx.limit);
+        self.rate_limits.logging(auth, usage, status, limit).await;
         self.access_log.logging(session, ctx, status, e);
     }
 

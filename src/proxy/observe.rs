@@ -60,11 +60,11 @@ pub fn request_done(ctx: &RequestCtx, status: u16) {
     }
     METRICS.bytes_in.add(ctx.body.bytes_in);
     METRICS.bytes_out.add(ctx.body.bytes_out);
-    usage_done(&ctx.usage, t);
+    usage_done(&ctx.usage, t, ctx.auth.key_name());
 }
 
 /// Tokens, missing usage and time to first token.
-fn usage_done(u: &UsageState, t: &Timing) {
+fn usage_done(u: &UsageState, t: &Timing, key: &str) {
     let model = u.model.as_deref().unwrap_or("-");
     if let Some(first) = u.first_event {
         METRICS.ttft.with([model]).observe(first - t.started);
@@ -73,11 +73,11 @@ fn usage_done(u: &UsageState, t: &Timing) {
         Some(usage) => {
             METRICS
                 .tokens
-                .with([model, "prompt"])
+                .with([key, model, "prompt"])
                 .add(usage.prompt_tokens);
             METRICS
                 .tokens
-                .with([model, "completion"])
+                .with([key, model, "completion"])
                 .add(usage.completion_tokens);
         }
         None if u.expected => METRICS.usage_missing.inc(),

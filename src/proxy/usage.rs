@@ -47,9 +47,11 @@ pub struct UsageStage {
 }
 
 impl UsageStage {
+    /// A token limit needs every stream's usage: `include_usage` is then on whatever
+    /// `usage.stream_include_usage` says.
     pub fn new(cfg: &Config) -> UsageStage {
         UsageStage {
-            include_usage: cfg.usage.stream_include_usage,
+            include_usage: cfg.usage.stream_include_usage || cfg.counts_tokens(),
         }
     }
 

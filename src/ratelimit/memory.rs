@@ -112,6 +112,14 @@ impl MemoryStore {
         }
     }
 
+    /// Tokens `who` used (and holds reserved) today, UTC.
+    pub fn daily_used(&self, who: &str) -> u64 {
+        let now_us = self.now_us();
+        let shard = self.shard(who, now_us);
+        let day = gcra::day_index(now_us / 1_000_000);
+        shard.entries.get(who).map_or(0, |s| s.daily.used_on(day))
+    }
+
     /// Entries held (callers not idle at their last check or sweep).
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| lock(s).entries.len()).sum()

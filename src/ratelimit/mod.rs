@@ -170,6 +170,14 @@ impl Limiter {
         }
     }
 
+    /// Tokens `who` used (and holds reserved) today, UTC, as the store counts them.
+    pub async fn daily_used(&self, who: &str) -> Result<u64, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.daily_used(who)),
+            Self::Redis(r) => r.daily_used(who, crate::clients::gate::utc_day()).await,
+        }
+    }
+
     /// Settles an admitted request's `reservation` against the `actual` tokens it used.
     pub async fn settle(
         &self,

@@ -189,6 +189,15 @@ impl RedisLimiter {
         Ok(admission)
     }
 
+    /// Tokens `who` used (and holds reserved) on UTC day `day`: one `HMGET`.
+    pub async fn daily_used(&self, who: &str, day: u64) -> Result<u64, StoreError> {
+        let [_, _, key] = self.keys(who);
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(key).arg("day").arg("used");
+        let (d, used): (Option<u64>, Option<u64>) = self.store.query(&cmd).await?;
+        Ok(if d == Some(day) { used.unwrap_or(0) } else { 0 })
+    }
+
     /// Settles an admitted request of `who`: one script run, skipped when nothing changes.
     pub async fn settle(
         &self,
