@@ -19,6 +19,7 @@
 //! - `usage.rs`: `usage:`, how streamed requests are made to report their tokens ([`Usage`]).
 //! - `limits.rs`: `limits:`, request size limits ([`Limits`]).
 //! - `forwarded.rs`: `forwarded:`, trusted proxies and `Via` ([`Forwarded`]).
+//! - `policies.rs`: `policies:` and `policy_stream:`, content policies ([`Policies`]).
 //! - `cache.rs`: `cache:`, the response cache ([`CacheSettings`]).
 //! - `redis.rs`: `redis:`, the shared Redis client's settings.
 //!
@@ -41,6 +42,7 @@ mod rules;
 mod server;
 mod structured;
 mod upstream;
+mod policies;
 mod usage;
 
 use std::fmt;
@@ -63,6 +65,7 @@ pub use logging::{LogFormat, Logging};
 pub use net::Cidr;
 pub use server::Server;
 pub use upstream::{HttpVersion, Upstream, DEFAULT_BASE_URL};
+pub use policies::Policies;
 pub use usage::Usage;
 
 /// A configuration that cannot be used. `main` prints it as one line, after
@@ -182,6 +185,10 @@ struct RawConfig {
     downstream: downstream::RawDownstream,
     #[serde(default)]
     usage: usage::RawUsage,
+    #[serde(default)]
+    policies: Vec<policies::RawPolicy>,
+    #[serde(default)]
+    policy_stream: policies::RawPolicyStream,
     cache: Option<cache::RawCache>,
     redis: Option<redis::RawRedis>,
 }
@@ -204,6 +211,8 @@ pub struct Config {
     pub forwarded: Forwarded,
     pub downstream: Downstream,
     pub usage: Usage,
+    /// Content policies (`policies:`, `policy_stream:`).
+    pub policies: Policies,
     /// The response cache; None: no cache.
     pub cache: Option<CacheSettings>,
     /// The shared Redis (`redis:`); None: no feature may use a Redis backend.
@@ -244,6 +253,7 @@ impl RawConfig {
         let has_redis = self.redis.is_some();
         let cache = self.cache.map(|c| c.validate(has_redis)).transpose()?;
         let redis = self.redis.map(redis::RawRedis::validate).transpose()?;
+        let policies = policies::validate(self.policies, self.policy_stream)?;
         Ok(Config {
             listeners,
             upstream,
@@ -257,6 +267,7 @@ impl RawConfig {
             forwarded: self.forwarded.validate()?,
             downstream: self.downstream.validate()?,
             usage: self.usage.validate(),
+            policies,
             cache,
             redis,
         })

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::access_log::LogState;
 use super::body::BodyState;
+use super::policy::PolicyState;
 use super::retry::AttemptState;
 use super::usage::UsageState;
 
@@ -23,6 +24,8 @@ pub struct RequestCtx {
     pub log: LogState,
     /// Model, stream flag, usage and time to first token (the `usage` stage).
     pub usage: UsageState,
+    /// The policies that acted and the response filter (the `policy` stage).
+    pub policy: PolicyState,
 }
 
 /// Timestamps along the request's path; read by the access log and metrics.

@@ -11,6 +11,8 @@
 //! - `failover`: a `failover_on` status goes to another endpoint before any byte reaches the
 //!   client; every attempt's outcome feeds the endpoint's circuit breaker;
 //! - `forwarded`: upstream target, `Host`, `X-Forwarded-*`, `Via`, hop-by-hop fields;
+//! - `policy`: content policies (block, redact, flag) on the request body, JSON answers and
+//!   SSE streams;
 //! - `observe`: request metrics;
 //! - `access_log`: the sampled access line.
 //!
@@ -25,6 +27,7 @@ mod failover;
 mod forwarded;
 mod limits;
 mod observe;
+mod policy;
 mod retry;
 mod usage;
 
@@ -55,6 +58,7 @@ pub struct Gateway {
     failover: failover::Failover,
     forwarded: forwarded::Forwarding,
     usage: usage::UsageStage,
+    policy: policy::PolicyStage,
     access_log: access_log::AccessLog,
 }
 
@@ -63,14 +67,17 @@ impl Gateway {
     /// from the connection itself).
     pub fn new(cfg: Arc<Config>, shared: &Shared) -> Gateway {
         let (upstreams, drain) = (shared.upstreams.clone(), shared.drain.clone());
+        let policy = policy::PolicyStage::new(&cfg);
+        let whole = usage::UsageStage::new(&cfg).needs_whole_body();
         Gateway {
             client: client::ClientPolicy::new(&cfg, drain),
             limits: limits::Limits::new(&cfg),
-            body: body::Bodies::new(&cfg, usage::UsageStage::new(&cfg).needs_whole_body()),
+            body: body::Bodies::new(&cfg, whole, policy.inspects_bodies()),
             failover: failover::Failover::new(upstreams.clone(), cfg.upstream.max_retries),
             retry: retry::Retries::new(&cfg, upstreams),
             forwarded: forwarded::Forwarding::new(&cfg),
             usage: usage::UsageStage::new(&cfg),
+            policy,
             access_log: access_log::AccessLog::new(&cfg),
         }
     }
@@ -88,6 +95,7 @@ impl ProxyHttp for Gateway {
             body: body::BodyState::default(),
             log: self.access_log.new_state(),
             usage: usage::UsageState::default(),
+            policy: policy::PolicyState::default(),
             timing,
         }
     }
@@ -103,6 +111,7 @@ impl ProxyHttp for Gateway {
         let path = session.req_header().uri.path();
         self.usage
             .request_filter(path, &mut ctx.body, &mut ctx.usage);
+        self.policy.request_filter(&mut ctx.body, &mut ctx.policy)?;
         Ok(false)
     }
 
@@ -151,6 +160,7 @@ impl ProxyHttp for Gateway {
         self.forwarded
             .upstream_request_filter(session, req, ctx.attempt.endpoint())?;
         self.body.upstream_request_filter(req, &ctx.body)?;
+        self.policy.upstream_request_filter(req)?;
         ctx.timing.upstream_sent = Some(Instant::now());
         Ok(())
     }
@@ -169,6 +179,8 @@ impl ProxyHttp for Gateway {
         let path = session.req_header().uri.path();
         self.usage
             .request_body_filter(path, body, end_of_stream, &ctx.body, &mut ctx.usage);
+        self.policy
+            .request_body_filter(body, end_of_stream, &ctx.body, &mut ctx.policy)?;
         ctx.log.request_chunk(body.as_ref());
         Ok(())
     }
@@ -205,6 +217,9 @@ impl ProxyHttp for Gateway {
         let from_upstream = ctx.timing.upstream_status.is_some();
         self.usage
             .response_filter(resp, from_upstream, &mut ctx.usage);
+        let model = ctx.usage.model.as_deref();
+        self.policy
+            .response_filter(session, resp, model, from_upstream, &mut ctx.policy)?;
         self.body
             .response_filter(session, resp, &mut ctx.body, from_upstream)?;
         observe::response_filter(resp, &ctx.timing)?;
@@ -214,7 +229,7 @@ impl ProxyHttp for Gateway {
     /// Each response chunk, forwarded as soon as it arrives (held back only for a split match).
     fn response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
@@ -225,6 +240,8 @@ impl ProxyHttp for Gateway {
         }
         self.usage
             .response_body_filter(body, end_of_stream, &mut ctx.usage);
+        self.policy
+            .response_body_filter(session, body, end_of_stream, &mut ctx.policy);
         self.body
             .response_body_filter(body, end_of_stream, &mut ctx.body);
         ctx.log.response_chunk(body.as_ref());
@@ -235,12 +252,18 @@ impl ProxyHttp for Gateway {
     /// held-back bytes here (they replace the trailers as the last body chunk).
     async fn response_trailer_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _trailers: &mut http::HeaderMap,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Bytes>> {
         ctx.timing.upstream_done.get_or_insert_with(Instant::now);
         self.usage.finish(&mut ctx.usage);
+        let mut tail = self.policy.response_trailer_filter(session, &mut ctx.policy);
+        if tail.is_some() {
+            // The policies' tail goes through the byte rules like any other chunk.
+            self.body.response_body_filter(&mut tail, true, &mut ctx.body);
+            return Ok(tail.or_else(|| Some(Bytes::new())));
+        }
         Ok(self.body.response_trailer_filter(&mut ctx.body))
     }
 
@@ -300,6 +323,7 @@ impl ProxyHttp for Gateway {
             (None, None) => 0,
         };
         self.usage.finish(&mut ctx.usage);
+        self.policy.logging(&mut ctx.policy);
         observe::request_done(ctx, status);
         self.access_log.logging(session, ctx, status, e);
     }
