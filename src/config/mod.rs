@@ -37,12 +37,12 @@ mod limits;
 mod listen;
 mod logging;
 mod net;
+mod policies;
 mod redis;
 mod rules;
 mod server;
 mod structured;
 mod upstream;
-mod policies;
 mod usage;
 
 use std::fmt;
@@ -63,9 +63,9 @@ pub use limits::Limits;
 pub use listen::{Listener, TlsFiles};
 pub use logging::{LogFormat, Logging};
 pub use net::Cidr;
+pub use policies::Policies;
 pub use server::Server;
 pub use upstream::{HttpVersion, Upstream, DEFAULT_BASE_URL};
-pub use policies::Policies;
 pub use usage::Usage;
 
 /// A configuration that cannot be used. `main` prints it as one line, after

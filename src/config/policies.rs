@@ -128,7 +128,10 @@ impl RawPolicy {
             _ => {
                 return Err(ConfigError::invalid(
                     key("regex"),
-                    format!("policy {}: give exactly one of `regex` and `words`", self.name),
+                    format!(
+                        "policy {}: give exactly one of `regex` and `words`",
+                        self.name
+                    ),
                 ))
             }
         };
@@ -137,12 +140,8 @@ impl RawPolicy {
             RawAction::Redact => Action::Redact,
             RawAction::Flag => Action::Flag,
         };
-        if self.replacement.is_some() && action != Action::Redact {
-            return Err(ConfigError::invalid(
-                key("replacement"),
-                format!("policy {}: only a `redact` policy has a replacement", self.name),
-            ));
-        }
+        // `replacement` is kept for `block` and `flag` too (and ignored), so switching a
+        // policy's action is a one-word change.
         let mut sides = Vec::with_capacity(2);
         for side in self.on {
             let side = match side {
@@ -205,16 +204,18 @@ mod tests {
     #[test]
     fn other_bad_policies_are_rejected_with_their_key() {
         let cases = [
-            ("{name: a, on: [request], action: flag}", "policies[0].regex"),
+            (
+                "{name: a, on: [request], action: flag}",
+                "policies[0].regex",
+            ),
             (
                 "{name: a, on: [request], regex: x, words: [y], action: flag}",
                 "policies[0].regex",
             ),
             (
-                "{name: a, on: [request], regex: x, action: flag, replacement: y}",
-                "policies[0].replacement",
+                "{name: a, on: [], regex: x, action: flag}",
+                "policies[0].on",
             ),
-            ("{name: a, on: [], regex: x, action: flag}", "policies[0].on"),
             ("{name: a, on: [request], regex: x, action: drop}", "action"),
         ];
         for (policy, want) in cases {

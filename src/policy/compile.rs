@@ -320,7 +320,12 @@ impl SidePolicies {
     /// now without ever cutting a match. Each start is stepped through the DFA until it dies,
     /// so the cost is the total length of those runs (usually one byte each). Without a DFA, or
     /// when it gives up (a Unicode `\b` on non-ASCII text), `from` is returned: hold it all.
-    pub(crate) fn live_start(&self, cache: &mut Option<Cache>, haystack: &str, from: usize) -> usize {
+    pub(crate) fn live_start(
+        &self,
+        cache: &mut Option<Cache>,
+        haystack: &str,
+        from: usize,
+    ) -> usize {
         let (Some(dfa), Some(cache)) = (self.prefix.as_ref(), cache.as_mut()) else {
             return from;
         };
@@ -350,9 +355,7 @@ impl SidePolicies {
 /// Whether the anchored search from `start` is still alive after the last byte of `haystack`
 /// (`None`: the DFA gave up).
 fn alive_to_end(dfa: &DFA, cache: &mut Cache, haystack: &str, start: usize) -> Option<bool> {
-    let input = Input::new(haystack)
-        .range(start..)
-        .anchored(Anchored::Yes);
+    let input = Input::new(haystack).range(start..).anchored(Anchored::Yes);
     let mut sid = dfa.start_state_forward(cache, &input).ok()?;
     for &byte in &haystack.as_bytes()[start..] {
         sid = dfa.next_state(cache, sid, byte).ok()?;

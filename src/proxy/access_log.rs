@@ -231,9 +231,9 @@ fn json_event(session: &Session, ctx: &RequestCtx, status: u16, e: Option<&Error
         "error": e.map(|err| classify(err).code),
     });
     if !ctx.policy.acted.is_empty() {
-        let acted = ctx.policy.acted.iter().map(|a| {
-            json!({"policy": &*a.name, "action": a.action.as_str(), "side": a.side.as_str()})
-        });
+        let acted = ctx.policy.acted.iter().map(
+            |a| json!({"policy": &*a.name, "action": a.action.as_str(), "side": a.side.as_str()}),
+        );
         event["policies"] = Value::Array(acted.collect());
     }
     if let (Some(req), Some(resp)) = (&ctx.log.request_sample, &ctx.log.response_sample) {

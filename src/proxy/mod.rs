@@ -258,10 +258,13 @@ impl ProxyHttp for Gateway {
     ) -> Result<Option<Bytes>> {
         ctx.timing.upstream_done.get_or_insert_with(Instant::now);
         self.usage.finish(&mut ctx.usage);
-        let mut tail = self.policy.response_trailer_filter(session, &mut ctx.policy);
+        let mut tail = self
+            .policy
+            .response_trailer_filter(session, &mut ctx.policy);
         if tail.is_some() {
             // The policies' tail goes through the byte rules like any other chunk.
-            self.body.response_body_filter(&mut tail, true, &mut ctx.body);
+            self.body
+                .response_body_filter(&mut tail, true, &mut ctx.body);
             return Ok(tail.or_else(|| Some(Bytes::new())));
         }
         Ok(self.body.response_trailer_filter(&mut ctx.body))

@@ -30,8 +30,7 @@ use crate::config::Config;
 use crate::error::{self, Failure};
 use crate::metrics::METRICS;
 use crate::policy::{
-    violation_body, Action, Outcome, PolicySet, Side, StreamPolicy, StreamSettings,
-    VIOLATION_CODE,
+    violation_body, Action, Outcome, PolicySet, Side, StreamPolicy, StreamSettings, VIOLATION_CODE,
 };
 use crate::transform::usage::BodyKind;
 
@@ -264,7 +263,11 @@ impl PolicyStage {
 
     /// An HTTP/2 upstream that ends with trailers never sends a final body chunk: what the
     /// policies still hold, to be sent as the last chunk.
-    pub fn response_trailer_filter(&self, session: &mut Session, st: &mut PolicyState) -> Option<Bytes> {
+    pub fn response_trailer_filter(
+        &self,
+        session: &mut Session,
+        st: &mut PolicyState,
+    ) -> Option<Bytes> {
         if matches!(st.response, Response::Untouched | Response::Done { .. }) {
             return None;
         }
@@ -275,10 +278,9 @@ impl PolicyStage {
 
     /// The whole JSON answer, checked: as it was, redacted, or the error object.
     fn finish_json(&self, st: &mut PolicyState) -> Bytes {
-        let Response::Json(held, model) = std::mem::replace(
-            &mut st.response,
-            Response::Done { drop_rest: false },
-        ) else {
+        let Response::Json(held, model) =
+            std::mem::replace(&mut st.response, Response::Done { drop_rest: false })
+        else {
             return Bytes::new();
         };
         let whole = held.freeze();
@@ -297,10 +299,9 @@ impl PolicyStage {
 
     /// The stream ended or was blocked: records what its policies did.
     fn finish_stream(&self, st: &mut PolicyState) {
-        let Response::Stream(filter) = std::mem::replace(
-            &mut st.response,
-            Response::Done { drop_rest: false },
-        ) else {
+        let Response::Stream(filter) =
+            std::mem::replace(&mut st.response, Response::Done { drop_rest: false })
+        else {
             return;
         };
         let outcome = Outcome {

@@ -297,7 +297,12 @@ fn done_and_the_usage_chunk_release_everything_before_them() {
 fn finish_reason_releases_that_choice_and_order_and_ids_are_kept() {
     let mut f = filter(keys(Action::Redact), no_timer());
     let now = Instant::now();
-    let events_in = [role("a"), chunk("b", "one sk"), chunk("c", "-two"), stop("d")];
+    let events_in = [
+        role("a"),
+        chunk("b", "one sk"),
+        chunk("c", "-two"),
+        stop("d"),
+    ];
     let mut out = Vec::new();
     for e in &events_in[..3] {
         out.extend_from_slice(&f.push(e.clone().into(), now));
