@@ -23,7 +23,7 @@
 //! - [`downstream`]: client connections around the proxy: first-request deadline, h2c sniffing,
 //!   and the deferred cleanup that makes graceful upgrades lossless.
 //! - [`proxy`]: the `ProxyHttp` implementation: each hook calls the stages (client, limits,
-//!   body, retry, forwarded, observe, access log), one file each with its slice of the context.
+//!   body, retry, forwarded, policy, observe, access log), one file each with its slice of the context.
 //! - [`transform`]: pure body transforms: the streaming byte replacer, the schema-aware
 //!   `json_schema` downgrade, the model sniffer.
 //! - [`upstream`]: the endpoints (selection, circuit breaker, health checks, warm-up, DNS,

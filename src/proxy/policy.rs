@@ -216,7 +216,6 @@ impl PolicyStage {
         end_of_stream: bool,
         st: &mut PolicyState,
     ) {
-        let started = Instant::now();
         match &mut st.response {
             Response::Untouched => return,
             Response::Done { drop_rest } => {
@@ -225,6 +224,11 @@ impl PolicyStage {
                 }
                 return;
             }
+            _ => {}
+        }
+        let started = Instant::now();
+        match &mut st.response {
+            Response::Untouched | Response::Done { .. } => {}
             Response::Json(held, _) => {
                 if let Some(b) = chunk.take() {
                     held.extend_from_slice(&b);
