@@ -444,3 +444,46 @@ fn config_test_rejects_a_bad_pattern_naming_the_policy() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_access_event_names_the_policies_that_acted_and_never_the_text() {
+    let mock = MockUpstream::start(
+        MockConfig::h1().reply(|_| Reply::json(answer(&format!("yours: {KEY}")))),
+    );
+    for format in ["json", "text"] {
+        let yaml = format!(
+            "{}logging: {{format: {format}, sample_rate: 1}}\n",
+            key_policy("log-keys", "request, response", "redact", "\"*\"")
+        );
+        let config = proxy(&mock.base_url("/v1")).yaml(&yaml);
+        let arkgate = common::process::ProxyProcess::start(&config, "policy-log");
+        let mut client = BlockingClient::new(arkgate.addr());
+        let body = chat("m", json!(format!("mine: {KEY}")));
+        let r = client
+            .send(&json_post_bytes("/chat/completions", &body))
+            .expect("answer");
+        assert_eq!(r.status, 200);
+        let lines = arkgate.wait_for_log_lines("arkgate::access", 1);
+        let line = &lines[0];
+        if format == "json" {
+            let start = line.find('{').expect("a JSON object on the line");
+            let event: Value = serde_json::from_str(&line[start..]).expect("one JSON object");
+            assert_eq!(
+                event["policies"],
+                json!([
+                    {"policy": "log-keys", "action": "redact", "side": "request"},
+                    {"policy": "log-keys", "action": "redact", "side": "response"}
+                ])
+            );
+        } else {
+            assert!(
+                line.contains(" policies=log-keys:redact:request,log-keys:redact:response"),
+                "{line}"
+            );
+        }
+        assert!(
+            !arkgate.log().contains("sk-0123"),
+            "matched text reached the log"
+        );
+    }
+}
