@@ -487,3 +487,37 @@ fn the_access_event_names_the_policies_that_acted_and_never_the_text() {
         );
     }
 }
+
+#[tokio::test]
+async fn held_text_reaches_an_h2_client_when_an_h2_upstream_ends_with_trailers() {
+    let certs = TestCerts::generate();
+    let mock = MockUpstream::start(MockConfig::new(Proto::H2).tls(&certs).reply(|_| {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-done", "1".parse().expect("header value"));
+        Reply::Chunks {
+            status: 200,
+            headers: mock::owned(&[("content-type", "text/event-stream")]),
+            chunks: vec![
+                (ms(0), delta("1", "plain words ").into()),
+                (ms(20), delta("2", "and then sk-01").into()),
+            ],
+            trailers: Some(trailers),
+        }
+    }));
+    let proxy = proxy(&mock.base_url("/v1"))
+        .trust(&certs)
+        .h2c()
+        .yaml(&key_policy("resp-trailers", "response", "redact", "\"*\""))
+        .start();
+    let client = H2Client::connect(proxy.addr).await;
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    let r = client.post_json("/chat/completions", body.as_bytes()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.text(),
+        [delta("1", "plain words "), delta("2", "and then sk-01")].concat(),
+        "the held tail (a possible key's beginning) leaves at the end"
+    );
+}
