@@ -236,6 +236,25 @@ fn text_that_cannot_begin_a_match_is_not_held() {
 }
 
 #[test]
+fn non_ascii_text_that_cannot_begin_a_match_is_not_held_either() {
+    let set = policies(&[
+        ("keys", "sk-[A-Za-z0-9]{20,}", Action::Redact),
+        ("words", "(?i:内部项目|internal\\.example)", Action::Block),
+    ]);
+    let mut f = filter(set, no_timer());
+    let now = Instant::now();
+    let plain = chunk("1", "你好，这是普通的回答。");
+    assert_eq!(f.push(plain.clone().into(), now), plain.as_bytes());
+    let partial = chunk("2", "关于内部");
+    assert!(
+        f.push(partial.into(), now).is_empty(),
+        "`内部` may begin `内部项目`"
+    );
+    let out = f.push(chunk("3", "项目的细节").into(), now);
+    assert!(String::from_utf8_lossy(&out).contains("content_policy_violation"));
+}
+
+#[test]
 fn text_beyond_the_buffer_is_released_without_waiting() {
     let settings = StreamSettings {
         buffer_bytes: 8,
