@@ -213,12 +213,27 @@ const INTERNAL_REPLY: Reply = reply(
     Failure::Unexpected,
 );
 
+/// The reply of a refusal. Pingora wraps an error a hook returns once the upstream request has
+/// begun (`request_body_filter`) in one of its own, with the peer as context: look through it.
+fn refused_reply(e: &Error) -> Option<&Reply> {
+    let cause = e.cause.as_ref()?;
+    if let Some(reply) = cause.downcast_ref::<Reply>() {
+        return Some(reply);
+    }
+    let inner = cause
+        .downcast_ref::<Error>()
+        .or_else(|| cause.downcast_ref::<Box<Error>>().map(|b| &**b))?;
+    (*inner.etype() == REFUSED)
+        .then(|| refused_reply(inner))
+        .flatten()
+}
+
 /// Maps an error to the response the client gets. The single source of truth for statuses.
 pub fn classify(e: &Error) -> Reply {
     use ErrorType::*;
     let etype = e.etype();
     if *etype == REFUSED {
-        if let Some(reply) = e.cause.as_ref().and_then(|c| c.downcast_ref::<Reply>()) {
+        if let Some(reply) = refused_reply(e) {
             return reply.clone();
         }
     }
@@ -362,6 +377,23 @@ mod tests {
         let mut e = Error::new(et);
         e.esource = src;
         classify(&e).status
+    }
+
+    #[test]
+    fn a_refusal_wrapped_by_pingora_keeps_its_reply() {
+        let refused = refuse(refusal(
+            400,
+            "invalid_request_error",
+            "content_policy_violation",
+            "request blocked by content policy p",
+            Failure::PolicyBlocked,
+        ));
+        let wrapped = Error::because(REFUSED, "peer addr: 127.0.0.1:1", refused);
+        let reply = classify(&wrapped);
+        assert_eq!(
+            (reply.status, reply.code),
+            (400, "content_policy_violation")
+        );
     }
 
     #[test]

@@ -23,8 +23,8 @@
 //! - [`downstream`]: client connections around the proxy: first-request deadline, h2c sniffing,
 //!   and the deferred cleanup that makes graceful upgrades lossless.
 //! - [`proxy`]: the `ProxyHttp` implementation: each hook calls the stages (auth, client,
-//!   limits, body, retry, forwarded, usage, rate limits, observe, access log), one file each
-//!   with its slice of the context.
+//!   limits, body, retry, failover, forwarded, usage, policy, rate limits, cache, observe,
+//!   access log), one file each with its slice of the context.
 //! - [`transform`]: pure body transforms: the streaming byte replacer, the schema-aware
 //!   `json_schema` downgrade, the model sniffer.
 //! - [`upstream`]: the endpoints (selection, circuit breaker, health checks, warm-up, DNS,

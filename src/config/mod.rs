@@ -19,6 +19,7 @@
 //! - `usage.rs`: `usage:`, how streamed requests are made to report their tokens ([`Usage`]).
 //! - `limits.rs`: `limits:`, request size limits ([`Limits`]).
 //! - `forwarded.rs`: `forwarded:`, trusted proxies and `Via` ([`Forwarded`]).
+//! - `policies.rs`: `policies:` and `policy_stream:`, content policies ([`Policies`]).
 //! - `cache.rs`: `cache:`, the response cache ([`CacheSettings`]).
 //! - `redis.rs`: `redis:`, the shared Redis client's settings.
 //! - `clients.rs`: `clients:`, client keys and the upstream key file ([`Clients`]).
@@ -40,6 +41,7 @@ mod limits;
 mod listen;
 mod logging;
 mod net;
+mod policies;
 mod prices;
 mod rate_limit;
 mod redis;
@@ -69,6 +71,7 @@ pub use limits::Limits;
 pub use listen::{Listener, TlsFiles};
 pub use logging::{LogFormat, Logging};
 pub use net::Cidr;
+pub use policies::Policies;
 pub use prices::Prices;
 pub use rate_limit::{LimitBy, LimitStore, RateLimit};
 pub use server::Server;
@@ -192,6 +195,10 @@ struct RawConfig {
     downstream: downstream::RawDownstream,
     #[serde(default)]
     usage: usage::RawUsage,
+    #[serde(default)]
+    policies: Vec<policies::RawPolicy>,
+    #[serde(default)]
+    policy_stream: policies::RawPolicyStream,
     cache: Option<cache::RawCache>,
     redis: Option<redis::RawRedis>,
     clients: Option<clients::RawClients>,
@@ -220,6 +227,8 @@ pub struct Config {
     pub forwarded: Forwarded,
     pub downstream: Downstream,
     pub usage: Usage,
+    /// Content policies (`policies:`, `policy_stream:`).
+    pub policies: Policies,
     /// The response cache; None: no cache.
     pub cache: Option<CacheSettings>,
     /// The shared Redis (`redis:`); None: no feature may use a Redis backend.
@@ -301,6 +310,7 @@ impl RawConfig {
             .transpose()?;
         let rate_limit = self.rate_limit.map(|r| r.validate(has_redis)).transpose()?;
         let prices = prices::validate(self.prices)?;
+        let policies = policies::validate(self.policies, self.policy_stream)?;
         Ok(Config {
             listeners,
             upstream,
@@ -315,6 +325,7 @@ impl RawConfig {
             forwarded: self.forwarded.validate()?,
             downstream: self.downstream.validate()?,
             usage: self.usage.validate(),
+            policies,
             cache,
             redis,
             clients,

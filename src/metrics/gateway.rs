@@ -64,6 +64,10 @@ pub struct Metrics {
     pub structured_downgraded: Named<Counter>,
     /// `arkgate_structured_skipped_total`.
     pub structured_skipped: Named<Counter>,
+    /// `arkgate_policy_actions_total{policy,action,side}`: content policies that acted.
+    pub policy_actions: CounterVec<3>,
+    /// `arkgate_policy_seconds{side}`: time spent evaluating content policies, per body.
+    pub policy_time: HistogramVec<1>,
     /// `arkgate_body_too_large_total`: requests refused with 413.
     pub body_too_large: Named<Counter>,
     /// `arkgate_downstream_bytes_in_total`.
@@ -73,6 +77,9 @@ pub struct Metrics {
 }
 
 /// The status classes of `arkgate_requests_total`, all shown from the first scrape on.
+/// The sides a content policy looks at.
+const SIDES: [[&str; 1]; 2] = [["request"], ["response"]];
+
 const CLASSES: [[&str; 1]; 6] = [["1xx"], ["2xx"], ["3xx"], ["4xx"], ["5xx"], ["aborted"]];
 
 /// The failure kinds of `arkgate_failures_total`, as `error::Failure::as_str` names them.
@@ -210,6 +217,17 @@ pub static METRICS: Metrics = Metrics {
         "arkgate_structured_skipped_total",
         "Candidate bodies forwarded untouched (invalid JSON or unexpected shape).",
     ),
+    policy_actions: CounterVec::new(
+        "arkgate_policy_actions_total",
+        "Content policies that acted (block, redact, flag), by policy name and side.",
+        ["policy", "action", "side"],
+    ),
+    policy_time: HistogramVec::new(
+        "arkgate_policy_seconds",
+        "Time spent evaluating content policies: per request body, per response body or stream.",
+        ["side"],
+    )
+    .initial(&SIDES),
     body_too_large: counter("arkgate_body_too_large_total", "Requests refused with 413."),
     bytes_in: counter(
         "arkgate_downstream_bytes_in_total",

@@ -62,6 +62,8 @@ pub static REGISTRY: &[&dyn Render] = &[
     &METRICS.replacements,
     &METRICS.structured_downgraded,
     &METRICS.structured_skipped,
+    &METRICS.policy_actions,
+    &METRICS.policy_time,
     &METRICS.body_too_large,
     &METRICS.bytes_in,
     &METRICS.bytes_out,

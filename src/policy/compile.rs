@@ -15,6 +15,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use regex_automata::hybrid::dfa::{Cache, DFA};
+use regex_automata::{Anchored, Input};
 
 use crate::transform::structured::glob_match;
 
@@ -184,6 +186,9 @@ pub(crate) struct SidePolicies {
     pub(crate) policies: Vec<Arc<Compiled>>,
     /// Whether every policy of this side applies to every model (no per-request mask needed).
     all_models: bool,
+    /// The same patterns as one lazy DFA, for [`SidePolicies::live_start`]; `None` when it
+    /// could not be built (the caller then holds its whole window).
+    prefix: Option<DFA>,
 }
 
 /// Which of a side's policies apply to one request's model.
@@ -304,6 +309,40 @@ impl SidePolicies {
         out.truncate(merged);
     }
 
+    /// A cache for [`live_start`](Self::live_start), one per stream.
+    pub(crate) fn prefix_cache(&self) -> Option<Cache> {
+        self.prefix.as_ref().map(DFA::create_cache)
+    }
+
+    /// The first character boundary `p` in `from..haystack.len()` where a match of some policy
+    /// may begin and still be unfinished at the end of `haystack` (more text could complete or
+    /// extend it), or `haystack.len()` when there is none: the text before `p` can be released
+    /// now without ever cutting a match. Each start is stepped through the DFA until it dies,
+    /// so the cost is the total length of those runs (usually one byte each). Without a DFA, or
+    /// when it gives up (a Unicode `\b` on non-ASCII text), `from` is returned: hold it all.
+    pub(crate) fn live_start(
+        &self,
+        cache: &mut Option<Cache>,
+        haystack: &str,
+        from: usize,
+    ) -> usize {
+        let (Some(dfa), Some(cache)) = (self.prefix.as_ref(), cache.as_mut()) else {
+            return from;
+        };
+        let bytes = haystack.as_bytes();
+        let mut p = from;
+        while p < bytes.len() {
+            if haystack.is_char_boundary(p) {
+                match alive_to_end(dfa, cache, haystack, p) {
+                    Some(false) => {}
+                    Some(true) | None => return p,
+                }
+            }
+            p += 1;
+        }
+        bytes.len()
+    }
+
     pub(crate) fn name(&self, index: usize) -> &Arc<str> {
         &self.policies[index].name
     }
@@ -311,6 +350,23 @@ impl SidePolicies {
     pub(crate) fn replacement(&self, index: usize) -> &str {
         &self.policies[index].replacement
     }
+}
+
+/// Whether the anchored search from `start` is still alive after the last byte of `haystack`
+/// (`None`: the DFA gave up).
+fn alive_to_end(dfa: &DFA, cache: &mut Cache, haystack: &str, start: usize) -> Option<bool> {
+    let input = Input::new(haystack).range(start..).anchored(Anchored::Yes);
+    let mut sid = dfa.start_state_forward(cache, &input).ok()?;
+    for &byte in &haystack.as_bytes()[start..] {
+        sid = dfa.next_state(cache, sid, byte).ok()?;
+        if sid.is_dead() {
+            return Some(false);
+        }
+        if sid.is_quit() {
+            return None;
+        }
+    }
+    Some(true)
 }
 
 /// Every configured policy, compiled: built once at start, shared (in an `Arc`) by all requests.
@@ -321,6 +377,26 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
+    /// A stable description of every compiled policy (side, name, action, replacement, model
+    /// globs, pattern), for keys that must change whenever the policies do (the response
+    /// cache's): the same configuration gives the same text in every process.
+    pub fn fingerprint(&self) -> String {
+        let mut out = String::new();
+        for (side, policies) in [("request", &self.request), ("response", &self.response)] {
+            for p in policies.iter().flat_map(|s| s.policies.iter()) {
+                out.push_str(&format!(
+                    "{side}|{}|{}|{:?}|{:?}|{:?};",
+                    p.name,
+                    p.action.as_str(),
+                    p.replacement,
+                    p.models,
+                    p.regex.as_str()
+                ));
+            }
+        }
+        out
+    }
+
     /// Compiles `specs` (in config order, which is also the order of precedence among policies
     /// that match the same text). Refuses the first bad policy, naming it.
     ///
@@ -446,7 +522,13 @@ fn side(
             }
         })?;
     let all_models = policies.iter().all(|(_, _, p)| p.models.is_empty());
+    let sources: Vec<&str> = policies.iter().map(|(_, s, _)| s.as_str()).collect();
+    let prefix = DFA::builder()
+        .configure(DFA::config().unicode_word_boundary(true))
+        .build_many(&sources)
+        .ok();
     Ok(Some(SidePolicies {
+        prefix,
         set,
         policies: policies.into_iter().map(|(_, _, p)| p).collect(),
         all_models,
@@ -502,6 +584,20 @@ mod tests {
             Ok(_) => panic!("expected a refusal"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn the_fingerprint_is_stable_and_changes_with_any_policy_field() {
+        let make = |replacement: &str| {
+            let mut s = spec("keys", regex("sk-[a-z]{4}"), Action::Redact);
+            s.replacement = replacement.into();
+            PolicySet::compile(vec![s]).expect("valid")
+        };
+        assert_eq!(make("[X]").fingerprint(), make("[X]").fingerprint());
+        assert_ne!(make("[X]").fingerprint(), make("[Y]").fingerprint());
+        let block = PolicySet::compile(vec![spec("keys", regex("sk-[a-z]{4}"), Action::Block)])
+            .expect("valid");
+        assert_ne!(block.fingerprint(), make("[X]").fingerprint());
     }
 
     #[test]

@@ -21,7 +21,10 @@
 //! (plus one character of released text before it, as context for `\b` and `^`). Then text is
 //! released up to a cut:
 //!
-//! - normally, all but the last `buffer_bytes` (rounded to a character boundary), so any match
+//! - normally, everything before the first position where a match could begin and still be
+//!   unfinished at the end of the held text (found by stepping the policies' lazy DFA from each
+//!   start until it dies), so text that cannot be part of a match leaves at once; but never
+//!   more than the last `buffer_bytes` (rounded to a character boundary) are held, so any match
 //!   up to `buffer_bytes` long is seen whole however the events split it;
 //! - text that arrived `flush_interval` ago or more is released whatever its position;
 //! - a choice's whole text is released when its `finish_reason` arrives, and every channel's
@@ -131,6 +134,8 @@ pub struct StreamPolicy {
     out: BytesMut,
     /// Scratch for redaction spans.
     spans: Vec<Span>,
+    /// The lazy DFA's cache, for finding where a match could still begin.
+    prefix: Option<regex_automata::hybrid::dfa::Cache>,
     blocked_by: Option<Arc<str>>,
     flagged: Vec<Arc<str>>,
     redacted_by: Vec<Arc<str>>,
@@ -229,8 +234,11 @@ impl StreamPolicy {
         model: Option<&str>,
         settings: StreamSettings,
     ) -> Option<StreamPolicy> {
-        let active = set.side(Side::Response)?.active(model)?;
+        let side = set.side(Side::Response)?;
+        let active = side.active(model)?;
+        let prefix = side.prefix_cache();
         Some(StreamPolicy {
+            prefix,
             set,
             active,
             settings,
@@ -511,6 +519,8 @@ impl StreamPolicy {
                 while !text.is_char_boundary(at) {
                     at -= 1;
                 }
+                // Hold only from where a match could still be unfinished (usually nowhere).
+                let at = side.live_start(&mut self.prefix, text, at);
                 let interval = self.settings.flush_interval;
                 let due: usize = channel
                     .pieces

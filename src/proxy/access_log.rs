@@ -182,6 +182,11 @@ fn line(session: &Session, ctx: &RequestCtx, status: u16, e: Option<&Error>) -> 
     if let Some(err) = e {
         let _ = write!(out, " error={}", err.etype().as_str());
     }
+    for (i, a) in ctx.policy.acted.iter().enumerate() {
+        let sep = if i == 0 { " policies=" } else { "," };
+        let (action, side) = (a.action.as_str(), a.side.as_str());
+        let _ = write!(out, "{sep}{}:{action}:{side}", a.name);
+    }
     if let (Some(req), Some(resp)) = (&ctx.log.request_sample, &ctx.log.response_sample) {
         let _ = write!(out, " req_body={req} resp_body={resp}");
     }
@@ -225,6 +230,12 @@ fn json_event(session: &Session, ctx: &RequestCtx, status: u16, e: Option<&Error
         "retries": ctx.attempt.attempts.saturating_sub(1),
         "error": e.map(|err| classify(err).code),
     });
+    if !ctx.policy.acted.is_empty() {
+        let acted = ctx.policy.acted.iter().map(
+            |a| json!({"policy": &*a.name, "action": a.action.as_str(), "side": a.side.as_str()}),
+        );
+        event["policies"] = Value::Array(acted.collect());
+    }
     if let (Some(req), Some(resp)) = (&ctx.log.request_sample, &ctx.log.response_sample) {
         event["req_body"] = Value::String(String::from_utf8_lossy(&req.bytes).into_owned());
         event["resp_body"] = Value::String(String::from_utf8_lossy(&resp.bytes).into_owned());

@@ -24,7 +24,7 @@ use crate::transform::structured::{self, Mode, Policy};
 const PREREAD_LIMIT_BYTES: u64 = 64 * 1024;
 
 static IDENTITY: HeaderValue = HeaderValue::from_static("identity");
-static CHUNKED: HeaderValue = HeaderValue::from_static("chunked");
+pub(super) static CHUNKED: HeaderValue = HeaderValue::from_static("chunked");
 
 /// What happens to the request body.
 #[derive(Debug, Default)]
@@ -81,13 +81,17 @@ pub struct Bodies {
     response_rules: Arc<RuleSet>,
     /// Another stage wants small JSON bodies (with a known length) read whole.
     read_whole: bool,
+    /// Another stage inspects every candidate body, small or large (content policies).
+    inspect_all: bool,
 }
 
 impl Bodies {
-    /// `whole_for_others`: another stage needs small JSON bodies read whole.
-    pub fn new(cfg: &Config, whole_for_others: bool) -> Bodies {
+    /// `whole_for_others`: another stage needs small JSON bodies read whole; `inspect_all`:
+    /// another stage needs every candidate body whole (held when it is large).
+    pub fn new(cfg: &Config, whole_for_others: bool, inspect_all: bool) -> Bodies {
         Bodies {
             read_whole: whole_for_others,
+            inspect_all,
             structured: cfg.structured.clone(),
             request_rules: cfg.request_rules.clone(),
             response_rules: cfg.response_rules.clone(),
@@ -103,11 +107,12 @@ impl Bodies {
         limits: &Limits,
     ) -> Result<()> {
         let has_body = !session.as_downstream_mut().is_body_empty();
-        // Structured output needs every candidate body whole (held when it is large); another
-        // stage only gets the small ones with a known length, so the rest still stream and
-        // stay replayable.
+        // Structured output and content policies need every candidate body whole (held when it
+        // is large); another stage only gets the small ones with a known length, so the rest
+        // still stream and stay replayable.
         let small = content_length.is_some_and(|n| n <= PREREAD_LIMIT_BYTES);
-        let wanted = self.structured.inspects_bodies() || self.read_whole && small;
+        let inspects = self.structured.inspects_bodies() || self.inspect_all;
+        let wanted = inspects || self.read_whole && small;
         if !wanted || !has_body || !is_structured_candidate(session.req_header()) {
             st.mode = self.structured.mode_for(None);
             // A byte rule cannot see through a compressed body: leave it as it is.
@@ -353,14 +358,14 @@ fn is_structured_candidate(req: &RequestHeader) -> bool {
 }
 
 /// 1xx, 204 and 304 never have a body.
-fn is_bodiless(status: http::StatusCode) -> bool {
+pub(super) fn is_bodiless(status: http::StatusCode) -> bool {
     status.is_informational()
         || status == http::StatusCode::NO_CONTENT
         || status == http::StatusCode::NOT_MODIFIED
 }
 
 /// The bytes may differ from what the upstream's strong validator describes.
-fn weaken_etag(resp: &mut ResponseHeader) -> Result<()> {
+pub(super) fn weaken_etag(resp: &mut ResponseHeader) -> Result<()> {
     if let Some(etag) = resp.headers.get(header::ETAG) {
         if !etag.as_bytes().starts_with(b"W/") {
             let mut weak = b"W/".to_vec();
@@ -383,7 +388,7 @@ fn rewrite_chunk(rw: &mut Replacer, chunk: Option<Bytes>, end: bool) -> Bytes {
 }
 
 /// True when a body is sent with a content coding (gzip, br, …): byte rules cannot apply to it.
-fn is_encoded(headers: &http::HeaderMap) -> bool {
+pub(super) fn is_encoded(headers: &http::HeaderMap) -> bool {
     headers
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))

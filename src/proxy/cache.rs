@@ -67,11 +67,17 @@ impl CacheStage {
         if shared.cache.is_some() {
             h.update(
                 format!(
-                    "{:?}|{:?}|{:?}|{}",
+                    "{:?}|{:?}|{:?}|{}|{}|{:?}",
                     cfg.structured,
                     cfg.request_rules,
                     cfg.response_rules,
-                    cfg.usage.stream_include_usage
+                    cfg.usage.stream_include_usage,
+                    cfg.policies
+                        .set
+                        .as_ref()
+                        .map(|p| p.fingerprint())
+                        .unwrap_or_default(),
+                    cfg.policies.stream,
                 )
                 .as_bytes(),
             );

@@ -9,6 +9,7 @@ use super::access_log::LogState;
 use super::auth::AuthState;
 use super::body::BodyState;
 use super::cache::CacheState;
+use super::policy::PolicyState;
 use super::ratelimit::LimitState;
 use super::retry::AttemptState;
 use super::usage::UsageState;
@@ -32,6 +33,8 @@ pub struct RequestCtx {
     pub usage: UsageState,
     /// The cache result and the fill of a miss (the `cache` stage).
     pub cache: CacheState,
+    /// The policies that acted and the response filter (the `policy` stage).
+    pub policy: PolicyState,
 }
 
 /// Timestamps along the request's path; read by the access log and metrics.

@@ -12,6 +12,8 @@
 //! - `failover`: a `failover_on` status goes to another endpoint before any byte reaches the
 //!   client; every attempt's outcome feeds the endpoint's circuit breaker;
 //! - `forwarded`: upstream target, `Host`, `X-Forwarded-*`, `Via`, hop-by-hop fields;
+//! - `policy`: content policies (block, redact, flag) on the request body, JSON answers and
+//!   SSE streams;
 //! - `cache`: the response cache: lookup (a hit is answered here), collection, store;
 //! - `ratelimit`: requests and tokens per minute and per day (429), `x-ratelimit-*`, the
 //!   settlement against the real usage, cost;
@@ -31,6 +33,7 @@ mod failover;
 mod forwarded;
 mod limits;
 mod observe;
+mod policy;
 mod ratelimit;
 mod retry;
 mod usage;
@@ -65,6 +68,7 @@ pub struct Gateway {
     forwarded: forwarded::Forwarding,
     usage: usage::UsageStage,
     cache: cache::CacheStage,
+    policy: policy::PolicyStage,
     access_log: access_log::AccessLog,
 }
 
@@ -74,18 +78,20 @@ impl Gateway {
     pub fn new(cfg: Arc<Config>, shared: &Shared) -> Gateway {
         let (upstreams, drain) = (shared.upstreams.clone(), shared.drain.clone());
         let cache = cache::CacheStage::new(&cfg, shared);
+        let policy = policy::PolicyStage::new(&cfg);
         let whole = usage::UsageStage::new(&cfg).needs_whole_body() || cache.enabled();
         Gateway {
             auth: auth::Auth::new(shared),
             rate_limits: ratelimit::RateLimits::new(&cfg, shared),
             client: client::ClientPolicy::new(&cfg, drain),
             limits: limits::Limits::new(&cfg),
-            body: body::Bodies::new(&cfg, whole),
+            body: body::Bodies::new(&cfg, whole, policy.inspects_bodies()),
             cache,
             failover: failover::Failover::new(upstreams.clone(), cfg.upstream.max_retries),
             retry: retry::Retries::new(&cfg, upstreams),
             forwarded: forwarded::Forwarding::new(&cfg),
             usage: usage::UsageStage::new(&cfg),
+            policy,
             access_log: access_log::AccessLog::new(&cfg),
         }
     }
@@ -106,6 +112,7 @@ impl ProxyHttp for Gateway {
             log: self.access_log.new_state(),
             usage: usage::UsageState::default(),
             cache: cache::CacheState::default(),
+            policy: policy::PolicyState::default(),
             timing,
         }
     }
@@ -124,6 +131,7 @@ impl ProxyHttp for Gateway {
         let path = session.req_header().uri.path();
         self.usage
             .request_filter(path, &mut ctx.body, &mut ctx.usage);
+        self.policy.request_filter(&mut ctx.body, &mut ctx.policy)?;
         let (auth, body, limit) = (&ctx.auth, &ctx.body, &mut ctx.limit);
         self.rate_limits
             .request_filter(session, auth, body, content_length, limit, &mut ctx.attempt)
@@ -179,6 +187,7 @@ impl ProxyHttp for Gateway {
             .upstream_request_filter(session, req, ctx.attempt.endpoint())?;
         self.body.upstream_request_filter(req, &ctx.body)?;
         self.auth.upstream_request_filter(req)?;
+        self.policy.upstream_request_filter(req)?;
         ctx.timing.upstream_sent = Some(Instant::now());
         Ok(())
     }
@@ -197,6 +206,8 @@ impl ProxyHttp for Gateway {
         let path = session.req_header().uri.path();
         self.usage
             .request_body_filter(path, body, end_of_stream, &ctx.body, &mut ctx.usage);
+        self.policy
+            .request_body_filter(body, end_of_stream, &ctx.body, &mut ctx.policy)?;
         ctx.log.request_chunk(body.as_ref());
         Ok(())
     }
@@ -233,6 +244,9 @@ impl ProxyHttp for Gateway {
         let from_upstream = ctx.timing.upstream_status.is_some();
         self.usage
             .response_filter(resp, from_upstream, &mut ctx.usage);
+        let model = ctx.usage.model.as_deref();
+        self.policy
+            .response_filter(session, resp, model, from_upstream, &mut ctx.policy)?;
         self.body
             .response_filter(session, resp, &mut ctx.body, from_upstream)?;
         observe::response_filter(resp, &ctx.timing)?;
@@ -244,7 +258,7 @@ impl ProxyHttp for Gateway {
     /// Each response chunk, forwarded as soon as it arrives (held back only for a split match).
     fn response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
@@ -255,6 +269,8 @@ impl ProxyHttp for Gateway {
         }
         self.usage
             .response_body_filter(body, end_of_stream, &mut ctx.usage);
+        self.policy
+            .response_body_filter(session, body, end_of_stream, &mut ctx.policy);
         self.body
             .response_body_filter(body, end_of_stream, &mut ctx.body);
         ctx.log.response_chunk(body.as_ref());
@@ -267,12 +283,21 @@ impl ProxyHttp for Gateway {
     /// held-back bytes here (they replace the trailers as the last body chunk).
     async fn response_trailer_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _trailers: &mut http::HeaderMap,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Bytes>> {
         ctx.timing.upstream_done.get_or_insert_with(Instant::now);
         self.usage.finish(&mut ctx.usage);
+        let mut tail = self
+            .policy
+            .response_trailer_filter(session, &mut ctx.policy);
+        if tail.is_some() {
+            // The policies' tail goes through the byte rules like any other chunk.
+            self.body
+                .response_body_filter(&mut tail, true, &mut ctx.body);
+            return Ok(tail.or_else(|| Some(Bytes::new())));
+        }
         Ok(self.body.response_trailer_filter(&mut ctx.body))
     }
 
@@ -334,6 +359,7 @@ impl ProxyHttp for Gateway {
             (None, None) => 0,
         };
         self.usage.finish(&mut ctx.usage);
+        self.policy.logging(&mut ctx.policy);
         ctx.log.cache = self.cache.logging(e.is_some(), status, &mut ctx.cache);
         observe::request_done(ctx, status);
         let (auth, usage, limit) = (&ctx.auth, &ctx.usage, &mut ctx.limit);

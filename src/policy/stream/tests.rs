@@ -146,13 +146,14 @@ fn block_mid_stream_ends_with_one_error_event() {
         flush_interval: Duration::from_millis(100),
     };
     let mut f = filter(keys(Action::Block), settings);
-    let first = chunk("1", "fine so far");
+    // Each text ends where a key could begin, so it is held.
+    let first = chunk("1", "fine so far sk-0");
     assert!(f.push(first.clone().into(), start).is_empty());
     let released = f.flush_due(start + Duration::from_millis(100));
     assert_eq!(released, first.as_bytes());
 
     let mut out = Vec::new();
-    out.extend_from_slice(&f.push(chunk("2", "and then ").into(), start));
+    out.extend_from_slice(&f.push(chunk("2", "and then sk").into(), start));
     out.extend_from_slice(&f.push(chunk("3", KEY).into(), start));
     let out = String::from_utf8(out).expect("utf-8");
     assert!(!out.contains("sk-"), "{out}");
@@ -196,11 +197,11 @@ fn the_flush_interval_releases_held_text() {
     };
     let mut f = filter(keys(Action::Redact), settings);
     assert_eq!(f.deadline(), None);
-    let first = chunk("1", "Hello");
+    let first = chunk("1", "Hello sk");
     assert!(f.push(first.clone().into(), start).is_empty());
     assert_eq!(f.deadline(), Some(start + Duration::from_millis(100)));
     let later = start + Duration::from_millis(60);
-    let second = chunk("2", " there");
+    let second = chunk("2", "-0123");
     assert!(f.push(second.clone().into(), later).is_empty());
     assert!(f.flush_due(start + Duration::from_millis(99)).is_empty());
     // Only the text that is due leaves; the younger event stays until its own deadline.
@@ -217,6 +218,43 @@ fn the_flush_interval_releases_held_text() {
 }
 
 #[test]
+fn text_that_cannot_begin_a_match_is_not_held() {
+    let mut f = filter(keys(Action::Redact), no_timer());
+    let now = Instant::now();
+    let plain = chunk("1", "Hello there, no key here.");
+    assert_eq!(f.push(plain.clone().into(), now), plain.as_bytes());
+    assert_eq!(f.deadline(), None);
+    // Only the tail that could still be a key is held: here the whole event, as its text
+    // ends in `sk-01`.
+    let partial = chunk("2", "see sk-01");
+    assert!(f.push(partial.clone().into(), now).is_empty());
+    let rest = chunk("3", " never mind");
+    assert_eq!(
+        f.push(rest.clone().into(), now),
+        [partial.as_str(), rest.as_str()].concat().as_bytes()
+    );
+}
+
+#[test]
+fn non_ascii_text_that_cannot_begin_a_match_is_not_held_either() {
+    let set = policies(&[
+        ("keys", "sk-[A-Za-z0-9]{20,}", Action::Redact),
+        ("words", "(?i:内部项目|internal\\.example)", Action::Block),
+    ]);
+    let mut f = filter(set, no_timer());
+    let now = Instant::now();
+    let plain = chunk("1", "你好，这是普通的回答。");
+    assert_eq!(f.push(plain.clone().into(), now), plain.as_bytes());
+    let partial = chunk("2", "关于内部");
+    assert!(
+        f.push(partial.into(), now).is_empty(),
+        "`内部` may begin `内部项目`"
+    );
+    let out = f.push(chunk("3", "项目的细节").into(), now);
+    assert!(String::from_utf8_lossy(&out).contains("content_policy_violation"));
+}
+
+#[test]
 fn text_beyond_the_buffer_is_released_without_waiting() {
     let settings = StreamSettings {
         buffer_bytes: 8,
@@ -224,11 +262,12 @@ fn text_beyond_the_buffer_is_released_without_waiting() {
     };
     let mut f = filter(keys(Action::Redact), settings);
     let now = Instant::now();
-    let a = chunk("1", "0123456789");
-    let b = chunk("2", "abcdefghij");
-    // 10 bytes held, buffer 8: the event cannot leave until all its text is released.
+    let a = chunk("1", "xsk-0123");
+    let b = chunk("2", "abcdefsk-0");
+    // A key may have begun at 1: the event cannot leave until all its text is released.
     assert!(f.push(a.clone().into(), now).is_empty());
-    // Now 20 bytes: the first event's 10 are all older than the last 8.
+    // Now 18 bytes: the first event's 8 are all older than the last 8 (and a key may begin
+    // at 14, so the second event waits).
     assert_eq!(f.push(b.clone().into(), now), a.as_bytes());
     assert_eq!(f.finish(now), b.as_bytes());
 }
@@ -263,7 +302,7 @@ fn a_match_straddling_the_window_edge_is_released_redacted() {
 fn done_and_the_usage_chunk_release_everything_before_them() {
     let mut f = filter(keys(Action::Redact), no_timer());
     let now = Instant::now();
-    let text = chunk("1", "partial");
+    let text = chunk("1", "partial sk-");
     assert!(f.push(text.clone().into(), now).is_empty());
     assert_eq!(
         f.push(USAGE.into(), now),
@@ -277,7 +316,12 @@ fn done_and_the_usage_chunk_release_everything_before_them() {
 fn finish_reason_releases_that_choice_and_order_and_ids_are_kept() {
     let mut f = filter(keys(Action::Redact), no_timer());
     let now = Instant::now();
-    let events_in = [role("a"), chunk("b", "one"), chunk("c", "two"), stop("d")];
+    let events_in = [
+        role("a"),
+        chunk("b", "one sk"),
+        chunk("c", "-two"),
+        stop("d"),
+    ];
     let mut out = Vec::new();
     for e in &events_in[..3] {
         out.extend_from_slice(&f.push(e.clone().into(), now));
@@ -362,7 +406,7 @@ fn comments_and_non_json_events_pass_through_in_order() {
 fn an_oversized_event_passes_through_unexamined() {
     let mut f = filter(keys(Action::Block), no_timer());
     let now = Instant::now();
-    let held = chunk("1", "text");
+    let held = chunk("1", "text sk-");
     assert!(f.push(held.clone().into(), now).is_empty());
     let big = "x".repeat(MAX_EVENT_BYTES + 1);
     let out = f.push(big.clone().into(), now);
