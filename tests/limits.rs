@@ -567,3 +567,47 @@ async fn by_client_ip_counts_the_address_whatever_the_token_and_defaults_apply()
         Some("Bearer sk-ip-one")
     );
 }
+
+#[tokio::test]
+async fn a_cache_hit_is_admitted_but_spends_no_tokens() {
+    let file = key_file();
+    let mock = MockUpstream::start(MockConfig::h1().reply(|_| Reply::json(usage_json(20, 80))));
+    let proxy = proxy(&mock.base_url("/v1"))
+        .yaml(&clients_yaml(
+            &file,
+            &[("tpm-cache", "ak-tpm-cache", 0, 200, 0)],
+        ))
+        .yaml("cache: {}\n")
+        .admin()
+        .start();
+    let admin = proxy.admin_addr.expect("admin");
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0,"max_tokens":10}"#;
+    let est = estimate(body, 10);
+    let first = chat(proxy.addr, Some("ak-tpm-cache"), body).await;
+    assert_eq!(
+        (first.status, first.header("x-arkgate-cache")),
+        (200, Some("miss"))
+    );
+    key_status(admin, "tpm-cache", |k| k["tokens_today"] == 100).await;
+    // 100 spent: every hit reserves the estimate and gives it back, so none is ever refused,
+    // where keeping the estimates would refuse the third.
+    for i in 0..5 {
+        let hit = chat(proxy.addr, Some("ak-tpm-cache"), body).await;
+        assert_eq!(
+            (hit.status, hit.header("x-arkgate-cache")),
+            (200, Some("hit")),
+            "hit {i}"
+        );
+        // The reservation is settled in the logging hook, after the client has its answer.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let last = chat(proxy.addr, Some("ak-tpm-cache"), body).await;
+    assert_eq!(last.status, 200);
+    assert!(
+        est < 100
+            && (100 - est..=100 - est + 10)
+                .contains(&header_u64(&last, "x-ratelimit-remaining-tokens")),
+        "{last:?}"
+    );
+    assert_eq!(mock.request_count(), 1);
+}

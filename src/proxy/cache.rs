@@ -94,10 +94,13 @@ impl CacheStage {
     }
 
     /// After the body plan: looks the request up. `Ok(true)`: a hit was written.
+    /// `hit_headers`: fields of this request that a hit carries too (the `x-ratelimit-*` of its
+    /// admission), asked for only on a hit.
     pub async fn request_filter(
         &self,
         session: &mut Session,
         body: &BodyState,
+        hit_headers: impl FnOnce() -> Vec<(&'static str, String)>,
         st: &mut CacheState,
     ) -> Result<bool> {
         let Some(cache) = self.cache.as_ref() else {
@@ -124,7 +127,7 @@ impl CacheStage {
         match cache.lookup(key, &model).await {
             Lookup::Hit(entry) => {
                 st.result = Some(HIT);
-                write_hit(session, &entry).await?;
+                write_hit(session, &entry, hit_headers()).await?;
                 Ok(true)
             }
             Lookup::Miss(fill) => {
@@ -240,10 +243,18 @@ impl CacheStage {
 
 /// Writes a stored response: status, stored headers and `X-Arkgate-Cache: hit`; a stream event
 /// by event, each flushed.
-async fn write_hit(session: &mut Session, entry: &Entry) -> Result<()> {
-    let mut resp = ResponseHeader::build(entry.status, Some(entry.headers.len() + 2))?;
+async fn write_hit(
+    session: &mut Session,
+    entry: &Entry,
+    extra: Vec<(&'static str, String)>,
+) -> Result<()> {
+    let mut resp =
+        ResponseHeader::build(entry.status, Some(entry.headers.len() + extra.len() + 2))?;
     for (name, value) in &entry.headers {
         resp.append_header(name.clone(), value.clone())?;
+    }
+    for (name, value) in extra {
+        resp.insert_header(name, value)?;
     }
     resp.insert_header(CACHE_HEADER, HIT)?;
     match &entry.body {

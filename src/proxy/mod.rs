@@ -136,8 +136,9 @@ impl ProxyHttp for Gateway {
         self.rate_limits
             .request_filter(session, auth, body, content_length, limit, &mut ctx.attempt)
             .await?;
+        let hit_headers = || self.rate_limits.headers(&ctx.limit);
         self.cache
-            .request_filter(session, &ctx.body, &mut ctx.cache)
+            .request_filter(session, &ctx.body, hit_headers, &mut ctx.cache)
             .await
     }
 
@@ -249,9 +250,11 @@ impl ProxyHttp for Gateway {
             .response_filter(session, resp, model, from_upstream, &mut ctx.policy)?;
         self.body
             .response_filter(session, resp, &mut ctx.body, from_upstream)?;
+        // The cache keeps the header as the upstream and the body stages made it, before the
+        // fields that belong to this request alone (timing, rate-limit state).
+        self.cache.response_filter(resp, &mut ctx.cache)?;
         observe::response_filter(resp, &ctx.timing)?;
         self.rate_limits.response_filter(resp, &ctx.limit)?;
-        self.cache.response_filter(resp, &mut ctx.cache)?;
         self.forwarded.response_filter(resp)
     }
 
@@ -362,8 +365,11 @@ impl ProxyHttp for Gateway {
         self.policy.logging(&mut ctx.policy);
         ctx.log.cache = self.cache.logging(e.is_some(), status, &mut ctx.cache);
         observe::request_done(ctx, status);
+        let went_upstream = ctx.timing.upstream_status.is_some();
         let (auth, usage, limit) = (&ctx.auth, &ctx.usage, &mut ctx.limit);
-        self.rate_limits.logging(auth, usage, status, limit).await;
+        self.rate_limits
+            .logging(auth, usage, status, went_upstream, limit)
+            .await;
         self.access_log.logging(session, ctx, status, e);
     }
 

@@ -96,12 +96,19 @@ impl RateLimits {
 
     /// The `x-ratelimit-*` fields of an admitted request.
     pub fn response_filter(&self, resp: &mut ResponseHeader, st: &LimitState) -> Result<()> {
-        if let Some(a) = &st.admission {
-            for (name, value) in ratelimit::headers(a) {
-                resp.insert_header(name, value)?;
-            }
+        for (name, value) in self.headers(st) {
+            resp.insert_header(name, value)?;
         }
         Ok(())
+    }
+
+    /// The `x-ratelimit-*` fields of the request's admission (none without one): on every
+    /// answer, from the upstream or the cache.
+    pub fn headers(&self, st: &LimitState) -> Vec<(&'static str, String)> {
+        st.admission
+            .as_ref()
+            .map(ratelimit::headers)
+            .unwrap_or_default()
     }
 
     /// The request is over: settles the reservation against the usage, counts the caller's
@@ -111,17 +118,19 @@ impl RateLimits {
         auth: &AuthState,
         usage: &UsageState,
         status: u16,
+        went_upstream: bool,
         st: &mut LimitState,
     ) {
         let used = usage.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
         if let (Some((limiter, _)), Some(a), Some((who, limits))) =
             (&self.limiter, st.admission.take(), st.subject.take())
         {
-            // No usage on a failed answer: nothing was generated. No usage on a success: keep
-            // the estimate rather than guess.
+            // No usage on a failed answer, or on one that never went upstream (a cache hit):
+            // nothing was generated. No usage on an upstream success: keep the estimate rather
+            // than guess.
             let actual = match used {
                 Some((p, c)) => Some(p.saturating_add(c)),
-                None if !(200..300).contains(&status) => Some(0),
+                None if !went_upstream || !(200..300).contains(&status) => Some(0),
                 None => None,
             };
             if let Some(actual) = actual.filter(|n| *n != a.reservation.tokens) {
