@@ -83,7 +83,7 @@ const SIDES: [[&str; 1]; 2] = [["request"], ["response"]];
 const CLASSES: [[&str; 1]; 6] = [["1xx"], ["2xx"], ["3xx"], ["4xx"], ["5xx"], ["aborted"]];
 
 /// The failure kinds of `arkgate_failures_total`, as `error::Failure::as_str` names them.
-const FAILURES: [[&str; 1]; 8] = [
+const FAILURES: [[&str; 1]; 12] = [
     ["connection_timeout"],
     ["read_timeout"],
     ["connect_failed"],
@@ -92,6 +92,10 @@ const FAILURES: [[&str; 1]; 8] = [
     ["body_too_large"],
     ["client_gone"],
     ["unexpected"],
+    ["unauthorized"],
+    ["rate_limited"],
+    ["policy_blocked"],
+    ["limit_store_unavailable"],
 ];
 
 const fn counter(name: &'static str, help: &'static str) -> Named<Counter> {
