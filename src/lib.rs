@@ -15,9 +15,10 @@
 //! - [`shared`]: the state every proxy app and the admin listener share (endpoints, drain
 //!   signal, the Redis client), built once at start.
 //! - [`lifecycle`]: the per-server drain signal and the watcher that sets it.
-//! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/upstreams`, `/keys`).
+//! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/upstreams`, `/cache`, `/keys`)
+//!   and its token.
 //! - [`cache`]: the response cache: request keys, stored entries, memory and Redis backends,
-//!   in-flight coalescing.
+//!   in-flight coalescing, and the `arkgate cache` command.
 //! - [`clients`]: client keys (looked up by SHA-256 in constant time), each key's record and
 //!   today's counts, the upstream key file, and the `arkgate key` command.
 //! - [`downstream`]: client connections around the proxy: first-request deadline, h2c sniffing,
