@@ -638,3 +638,32 @@ async fn the_cache_command_talks_to_a_running_arkgate() {
         "the admin token reached the log"
     );
 }
+
+#[tokio::test]
+async fn an_answer_from_an_h2_upstream_that_ends_with_trailers_is_stored() {
+    let certs = TestCerts::generate();
+    let up = MockUpstream::start(MockConfig::new(Proto::H2).tls(&certs).reply(|_| {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-done", "1".parse().expect("header value"));
+        Reply::Chunks {
+            status: 200,
+            headers: mock::owned(&[("content-type", "application/json")]),
+            chunks: vec![(ms(0), ANSWER.into())],
+            trailers: Some(trailers),
+        }
+    }));
+    let p = proxy(&up.base_url(""))
+        .trust(&certs)
+        .yaml("cache: {}\n")
+        .admin()
+        .start();
+    let body = chat("trailers", "");
+    let (first, hit) = miss_then_hit(p.addr, &[], &body).await;
+    assert_eq!(cache_result(&first), "miss");
+    assert_eq!(cache_result(&hit), "hit");
+    assert_eq!(
+        (first.body.as_slice(), hit.body.as_slice()),
+        (ANSWER.as_bytes(), ANSWER.as_bytes())
+    );
+    assert_eq!(up.request_count(), 1);
+}

@@ -295,13 +295,18 @@ impl ProxyHttp for Gateway {
         let mut tail = self
             .policy
             .response_trailer_filter(session, &mut ctx.policy);
-        if tail.is_some() {
+        let tail = if tail.is_some() {
             // The policies' tail goes through the byte rules like any other chunk.
             self.body
                 .response_body_filter(&mut tail, true, &mut ctx.body);
-            return Ok(tail.or_else(|| Some(Bytes::new())));
-        }
-        Ok(self.body.response_trailer_filter(&mut ctx.body))
+            tail.or_else(|| Some(Bytes::new()))
+        } else {
+            self.body.response_trailer_filter(&mut ctx.body)
+        };
+        // The trailers end the body: the cache sees its last bytes and its end here.
+        self.cache
+            .response_body_filter(tail.as_ref(), true, &mut ctx.cache);
+        Ok(tail)
     }
 
     /// Failures after the request may have reached the upstream (see `retry`).
