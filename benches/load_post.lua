@@ -7,6 +7,11 @@ wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = "application/json"
+-- $WRK_AUTH: an Authorization value to send (client keys).
+local auth = os.getenv("WRK_AUTH")
+if auth and auth ~= "" then
+  wrk.headers["Authorization"] = auth
+end
 
 local pause_ms = tonumber(os.getenv("WRK_DELAY_MS") or "")
 if pause_ms and pause_ms > 0 then

@@ -22,7 +22,10 @@ use crate::bench::BenchArgs;
                   Without a command it runs the gateway described by the YAML file given with \
                   -c: it forwards requests to the configured upstream, rewrites bodies while \
                   they stream, downgrades json_schema structured output for models that lack \
-                  it, and answers failures with OpenAI-style JSON errors.",
+                  it, and answers failures with OpenAI-style JSON errors. Where the file asks \
+                  for them it also balances and fails over between endpoints, caches \
+                  deterministic answers, checks client keys and enforces request and token \
+                  limits, and applies content policies.",
     after_help = "Examples:\n  \
                   arkgate -t -c /etc/arkgate/arkgate.yaml     check a configuration\n  \
                   arkgate -d -c /etc/arkgate/arkgate.yaml     run in the background\n  \

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# What each gateway feature costs a request, in one run on this machine: the same release arkgate
+# in front of the same mock upstream (benches/mock_upstream.rs), once per configuration:
+#
+#   base          the shipped defaults (byte rule on), no feature section
+#   cache_hit     cache: (memory); every request after the first is a hit, the upstream idle
+#   cache_redis   cache: backend redis (a redis-server started here); every request a hit
+#   limit_memory  clients: one key with rpm/tpm limits far above the load; memory store
+#   limit_redis   the same with rate_limit.store: redis
+#   policies      three request+response policies (regex and words) that match nothing
+#
+# For each: max req/s at 64 connections and the proxy's CPU share over that run (→ CPU µs per
+# request), then p50/p99 at 1 connection. The proxy runs alone on CPU $PROXY_CPU (default 0); wrk,
+# the mock and redis-server share CPU $LOAD_CPU (default 1). Everything listens on 127.0.0.1 ports
+# picked here, and every process started is stopped on exit.
+#
+#   bash benches/features.sh          # prints a Markdown table on stdout; progress on stderr
+#
+# Tunables (environment): PROXY_CPU LOAD_CPU TPUT_SECS LAT_SECS VARIANTS="base cache_hit ..."
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+TPUT_SECS=${TPUT_SECS:-5}
+LAT_SECS=${LAT_SECS:-5}
+VARIANTS=${VARIANTS:-"base cache_hit cache_redis limit_memory limit_redis policies"}
+LUA=$ROOT/benches/load_post.lua
+
+log() { printf '== %s\n' "$*" >&2; }
+die() {
+  log "ERROR: $*"
+  exit 1
+}
+command -v wrk >/dev/null || die "wrk is needed (benches/load.sh installs it)"
+command -v redis-server >/dev/null || die "redis-server is needed (bash .ci/setup installs it)"
+
+log "building arkgate and the mock (release)"
+cargo build --release --quiet --bin arkgate --example mock_upstream || die "release build failed"
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+ARKGATE=$TARGET_DIR/release/arkgate
+MOCK=$TARGET_DIR/release/examples/mock_upstream
+
+WORK=$(mktemp -d /tmp/arkgate-features.XXXXXX)
+STARTED=()
+cleanup() {
+  local pid
+  for pid in "${STARTED[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
+  sleep 0.5
+  for pid in "${STARTED[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { # port pid name
+  local i
+  for ((i = 0; i < 200; i++)); do
+    kill -0 "$2" 2>/dev/null || die "$3 exited at start: $(tail -3 "$WORK/$3.log" 2>/dev/null)"
+    if (: </dev/tcp/127.0.0.1/"$1") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  die "$3 did not listen on $1"
+}
+cpu_ticks() { local f; read -r -a f <"/proc/$1/stat"; echo $((f[13] + f[14])); }
+
+MOCK_PORT=$(free_port)
+taskset -c "$LOAD_CPU" "$MOCK" --port "$MOCK_PORT" >"$WORK/mock.log" 2>&1 &
+STARTED+=($!)
+wait_port "$MOCK_PORT" "$!" mock
+REDIS_PORT=$(free_port)
+taskset -c "$LOAD_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+  >"$WORK/redis.log" 2>&1 &
+STARTED+=($!)
+wait_port "$REDIS_PORT" "$!" redis
+
+# Bodies: temperature 0 (cacheable) for every variant, so only the configuration differs.
+BODY=$WORK/body.json
+printf '%s' '{"model":"deepseek-v3-250324","temperature":0,"messages":[{"role":"system","content":"You are helpful."},{"role":"user","content":"Capital of France, as JSON?"}],"response_format":{"type":"json_schema","json_schema":{"name":"answer","schema":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}},"stream":false}' >"$BODY"
+printf 'ark-bench-upstream-key\n' >"$WORK/ark.key"
+chmod 600 "$WORK/ark.key"
+CLIENT_KEY=ak-bench-client-key-0123456789
+KEY_SHA=$(printf '%s' "$CLIENT_KEY" | "$ARKGATE" key hash)
+
+section() { # variant: the YAML it adds to the base config
+  case $1 in
+    base) ;;
+    cache_hit) printf 'cache: {backend: memory}\n' ;;
+    cache_redis) printf 'cache: {backend: redis}\nredis: {url: "redis://127.0.0.1:%s/0"}\n' "$REDIS_PORT" ;;
+    limit_memory | limit_redis)
+      printf 'clients:\n  upstream_key_file: %s\n  keys:\n    - {name: bench, key_sha256: "%s", rpm: 100000000, tpm: 1000000000000}\n' \
+        "$WORK/ark.key" "$KEY_SHA"
+      if [ "$1" = limit_redis ]; then
+        printf 'rate_limit: {store: redis, by: key}\nredis: {url: "redis://127.0.0.1:%s/0"}\n' "$REDIS_PORT"
+      fi
+      ;;
+    policies)
+      cat <<'YAML'
+policies:
+  - {name: no-keys, on: [request, response], regex: "sk-[A-Za-z0-9]{20,}", action: redact}
+  - {name: no-mail, on: [request, response], regex: "[a-z0-9.]+@internal\\.example", action: redact}
+  - {name: no-hosts, on: [request, response], words: ["db.internal.example", "vault.internal.example"], action: block}
+YAML
+      ;;
+    *) die "unknown variant $1" ;;
+  esac
+}
+
+run_wrk() { # conns secs auth -> sets W_*
+  local out=$WORK/wrk.out kv line
+  WRK_BODY=$BODY WRK_AUTH=$3 taskset -c "$LOAD_CPU" wrk -t1 -c"$1" -d"${2}s" --timeout 2s -s "$LUA" \
+    "http://127.0.0.1:$ARK_PORT/chat/completions" >"$out" 2>&1 || die "wrk failed: $(tail -3 "$out")"
+  line=$(grep '^RESULT ' "$out") || die "wrk printed no RESULT line"
+  for kv in ${line#RESULT }; do printf -v "W_${kv%%=*}" '%s' "${kv#*=}"; done
+  ((W_errors == 0)) || log "WARNING: $W_errors errors (status $W_status)"
+}
+
+RESULTS=()
+for v in $VARIANTS; do
+  ARK_PORT=$(free_port)
+  {
+    printf 'listen: [{addr: "127.0.0.1:%s"}]\n' "$ARK_PORT"
+    printf 'upstream: {base_url: "http://127.0.0.1:%s/api/v3"}\n' "$MOCK_PORT"
+    printf 'server: {threads: 1, pid_file: %s/%s.pid, upgrade_sock: %s/%s.sock}\n' "$WORK" "$v" "$WORK" "$v"
+    section "$v"
+  } >"$WORK/$v.yaml"
+  "$ARKGATE" -t -c "$WORK/$v.yaml" >/dev/null 2>"$WORK/$v.check" || die "$v: config rejected: $(cat "$WORK/$v.check")"
+  taskset -c "$PROXY_CPU" "$ARKGATE" -c "$WORK/$v.yaml" >"$WORK/$v.log" 2>&1 &
+  pid=$!
+  STARTED+=("$pid")
+  wait_port "$ARK_PORT" "$pid" "$v"
+  auth=""
+  case $v in limit_*) auth="Bearer $CLIENT_KEY" ;; esac
+  run_wrk 64 1 "$auth" # warm-up (and the first, stored, answer for the cache variants)
+  c0=$(cpu_ticks "$pid")
+  run_wrk 64 "$TPUT_SECS" "$auth"
+  c1=$(cpu_ticks "$pid")
+  rps=$W_rps
+  cpu=$(python3 -c "print(round(100.0 * ($c1 - $c0) / $(getconf CLK_TCK) / $TPUT_SECS, 1))")
+  run_wrk 1 "$LAT_SECS" "$auth"
+  log "$v: $rps req/s at CPU $cpu%, 1 conn p50 $W_p50_us µs p99 $W_p99_us µs"
+  RESULTS+=("$v $rps $cpu $W_p50_us $W_p99_us")
+  kill -INT "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+done
+
+echo
+echo "### Feature cost ($(date -u +%Y-%m-%dT%H:%MZ), proxy on CPU $PROXY_CPU, wrk + mock + redis on CPU $LOAD_CPU)"
+echo
+python3 - "${RESULTS[@]}" <<'PY'
+import sys
+rows = [r.split() for r in sys.argv[1:]]
+base = None
+print("| configuration | req/s, 64 conns | proxy CPU | CPU µs per request | ÷ base | p50 at 1 conn (µs) | p99 at 1 conn (µs) | added p99 vs base (µs) |")
+print("|---|---|---|---|---|---|---|---|")
+for name, rps, cpu, p50, p99 in rows:
+    rps, cpu, p50, p99 = float(rps), float(cpu), int(p50), int(p99)
+    us = cpu / 100.0 / rps * 1e6 if rps else float("nan")
+    if name == "base":
+        base = (us, p99)
+    ratio = f"{us / base[0]:.2f}×" if base else "—"
+    added = f"{p99 - base[1]:+d}" if base else "—"
+    print(f"| {name} | {rps:,.0f} | {cpu:.0f}% | {us:.1f} | {ratio} | {p50} | {p99} | {added} |")
+PY
