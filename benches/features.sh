@@ -5,10 +5,14 @@
 #   base          the shipped defaults (byte rule on), no feature section
 #   cache_hit     cache: (memory); every request after the first is a hit, the upstream idle
 #   cache_redis   cache: backend redis (a redis-server started here); every request a hit
+#   keys_only     clients: one key, no limits (the key check and the upstream key swap)
+#   limit_rpm     the same key with a requests-per-minute limit far above the load (memory)
 #   limit_memory  clients: one key with rpm/tpm limits far above the load; memory store
 #   limit_redis   the same with rate_limit.store: redis
 #   policies      three request+response policies (regex and words) that match nothing
 #
+# The variants run in turn, $ROUNDS rounds (default 3), so a drift of the machine touches every
+# variant alike; the table gives each variant's median and the min–max spread of its CPU cost.
 # For each: max req/s at 64 connections and the proxy's CPU share over that run (→ CPU µs per
 # request), then p50/p99 at 1 connection. The proxy runs alone on CPU $PROXY_CPU (default 0); wrk,
 # the mock and redis-server share CPU $LOAD_CPU (default 1). Everything listens on 127.0.0.1 ports
@@ -16,7 +20,7 @@
 #
 #   bash benches/features.sh          # prints a Markdown table on stdout; progress on stderr
 #
-# Tunables (environment): PROXY_CPU LOAD_CPU TPUT_SECS LAT_SECS VARIANTS="base cache_hit ..."
+# Tunables (environment): PROXY_CPU LOAD_CPU TPUT_SECS LAT_SECS ROUNDS VARIANTS="base cache_hit ..."
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -24,7 +28,8 @@ PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 TPUT_SECS=${TPUT_SECS:-5}
 LAT_SECS=${LAT_SECS:-5}
-VARIANTS=${VARIANTS:-"base cache_hit cache_redis limit_memory limit_redis policies"}
+VARIANTS=${VARIANTS:-"base cache_hit cache_redis keys_only limit_memory limit_redis policies"}
+ROUNDS=${ROUNDS:-3}
 LUA=$ROOT/benches/load_post.lua
 
 log() { printf '== %s\n' "$*" >&2; }
@@ -32,8 +37,14 @@ die() {
   log "ERROR: $*"
   exit 1
 }
-command -v wrk >/dev/null || die "wrk is needed (benches/load.sh installs it)"
-command -v redis-server >/dev/null || die "redis-server is needed (bash .ci/setup installs it)"
+bash .ci/setup >&2
+if ! command -v wrk >/dev/null; then
+  log "installing wrk (Debian package)"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk >/dev/null; } ||
+    die "could not install wrk"
+fi
 
 log "building arkgate and the mock (release)"
 cargo build --release --quiet --bin arkgate --example mock_upstream || die "release build failed"
@@ -88,6 +99,14 @@ section() { # variant: the YAML it adds to the base config
     base) ;;
     cache_hit) printf 'cache: {backend: memory}\n' ;;
     cache_redis) printf 'cache: {backend: redis}\nredis: {url: "redis://127.0.0.1:%s/0"}\n' "$REDIS_PORT" ;;
+    keys_only)
+      printf 'clients:\n  upstream_key_file: %s\n  keys:\n    - {name: bench, key_sha256: "%s"}\n' \
+        "$WORK/ark.key" "$KEY_SHA"
+      ;;
+    limit_rpm)
+      printf 'clients:\n  upstream_key_file: %s\n  keys:\n    - {name: bench, key_sha256: "%s", rpm: 100000000}\n' \
+        "$WORK/ark.key" "$KEY_SHA"
+      ;;
     limit_memory | limit_redis)
       printf 'clients:\n  upstream_key_file: %s\n  keys:\n    - {name: bench, key_sha256: "%s", rpm: 100000000, tpm: 1000000000000}\n' \
         "$WORK/ark.key" "$KEY_SHA"
@@ -117,6 +136,7 @@ run_wrk() { # conns secs auth -> sets W_*
 }
 
 RESULTS=()
+for round in $(seq 1 "$ROUNDS"); do
 for v in $VARIANTS; do
   ARK_PORT=$(free_port)
   {
@@ -131,35 +151,48 @@ for v in $VARIANTS; do
   STARTED+=("$pid")
   wait_port "$ARK_PORT" "$pid" "$v"
   auth=""
-  case $v in limit_*) auth="Bearer $CLIENT_KEY" ;; esac
+  case $v in limit_* | keys_only) auth="Bearer $CLIENT_KEY" ;; esac
   run_wrk 64 1 "$auth" # warm-up (and the first, stored, answer for the cache variants)
+  run_wrk 1 1 "$auth"
   c0=$(cpu_ticks "$pid")
   run_wrk 64 "$TPUT_SECS" "$auth"
   c1=$(cpu_ticks "$pid")
   rps=$W_rps
   cpu=$(python3 -c "print(round(100.0 * ($c1 - $c0) / $(getconf CLK_TCK) / $TPUT_SECS, 1))")
   run_wrk 1 "$LAT_SECS" "$auth"
-  log "$v: $rps req/s at CPU $cpu%, 1 conn p50 $W_p50_us µs p99 $W_p99_us µs"
+  log "round $round $v: $rps req/s at CPU $cpu%, 1 conn p50 $W_p50_us µs p99 $W_p99_us µs"
   RESULTS+=("$v $rps $cpu $W_p50_us $W_p99_us")
   kill -INT "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
+done
 done
 
 echo
 echo "### Feature cost ($(date -u +%Y-%m-%dT%H:%MZ), proxy on CPU $PROXY_CPU, wrk + mock + redis on CPU $LOAD_CPU)"
 echo
 python3 - "${RESULTS[@]}" <<'PY'
+import statistics
 import sys
-rows = [r.split() for r in sys.argv[1:]]
-base = None
-print("| configuration | req/s, 64 conns | proxy CPU | CPU µs per request | ÷ base | p50 at 1 conn (µs) | p99 at 1 conn (µs) | added p99 vs base (µs) |")
-print("|---|---|---|---|---|---|---|---|")
-for name, rps, cpu, p50, p99 in rows:
-    rps, cpu, p50, p99 = float(rps), float(cpu), int(p50), int(p99)
+
+runs = {}
+for r in sys.argv[1:]:
+    name, rps, cpu, p50, p99 = r.split()
+    rps, cpu = float(rps), float(cpu)
     us = cpu / 100.0 / rps * 1e6 if rps else float("nan")
-    if name == "base":
-        base = (us, p99)
-    ratio = f"{us / base[0]:.2f}×" if base else "—"
-    added = f"{p99 - base[1]:+d}" if base else "—"
-    print(f"| {name} | {rps:,.0f} | {cpu:.0f}% | {us:.1f} | {ratio} | {p50} | {p99} | {added} |")
+    runs.setdefault(name, []).append((us, rps, int(p50), int(p99)))
+med = lambda xs: statistics.median(xs)
+base = med([u for u, *_ in runs["base"]]) if "base" in runs else None
+base_p99 = med([r[3] for r in runs["base"]]) if "base" in runs else None
+print("| configuration | CPU µs per request (median; min–max) | ÷ base | req/s, 64 conns | p50 at 1 conn (µs) | p99 at 1 conn (µs) | added p99 vs base (µs) |")
+print("|---|---|---|---|---|---|---|")
+for name, rs in runs.items():
+    us = [r[0] for r in rs]
+    m = med(us)
+    ratio = f"{m / base:.2f}×" if base else "—"
+    p99 = med([r[3] for r in rs])
+    added = f"{p99 - base_p99:+.0f}" if base_p99 is not None else "—"
+    print(f"| {name} | {m:.1f} ({min(us):.1f}–{max(us):.1f}) | {ratio} | {med([r[1] for r in rs]):,.0f} "
+          f"| {med([r[2] for r in rs]):.0f} | {p99:.0f} | {added} |")
+print()
+print(f"{len(next(iter(runs.values())))} rounds; each round runs every configuration in turn.")
 PY

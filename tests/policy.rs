@@ -52,6 +52,12 @@ fn delta(id: &str, text: &str) -> String {
     )
 }
 
+/// A streamed chat request for model `m`.
+fn stream_request() -> String {
+    json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+        .to_string()
+}
+
 const DONE: &str = "data: [DONE]\n\n";
 
 /// The `content` of each `data:` event of an SSE body, in order (`[DONE]` as itself).
@@ -231,9 +237,7 @@ async fn a_key_split_over_three_events_is_redacted_in_the_stream() {
     let proxy = proxy(&mock.base_url("/v1"))
         .yaml(&key_policy("resp-stream", "response", "redact", "\"*\""))
         .start();
-    let body =
-        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
-            .to_string();
+    let body = stream_request();
     let r = post_json(proxy.addr, "/chat/completions", &body).await;
     assert_eq!(r.status, 200);
     assert!(r.complete);
@@ -262,9 +266,7 @@ async fn a_blocked_stream_ends_with_one_error_event_and_no_blocked_text() {
     let proxy = proxy(&mock.base_url("/v1"))
         .yaml(&key_policy("resp-block", "response", "block", "\"*\""))
         .start();
-    let body =
-        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
-            .to_string();
+    let body = stream_request();
     let mut client = H1Client::connect(proxy.addr).await;
     let r = client
         .request(
@@ -355,9 +357,7 @@ async fn text_of_a_slow_stream_reaches_the_client_without_waiting_for_the_next_e
     let proxy = proxy(&mock.base_url("/v1"))
         .yaml(&key_policy("resp-slow", "response", "redact", "\"*\""))
         .start();
-    let body =
-        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
-            .to_string();
+    let body = stream_request();
     let r = post_json(proxy.addr, "/chat/completions", &body).await;
     assert_eq!(r.status, 200);
     let sent = mock.chunk_send_times();
@@ -510,9 +510,7 @@ async fn held_text_reaches_an_h2_client_when_an_h2_upstream_ends_with_trailers()
         .yaml(&key_policy("resp-trailers", "response", "redact", "\"*\""))
         .start();
     let client = H2Client::connect(proxy.addr).await;
-    let body =
-        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
-            .to_string();
+    let body = stream_request();
     let r = client.post_json("/chat/completions", body.as_bytes()).await;
     assert_eq!(r.status, 200);
     assert_eq!(
