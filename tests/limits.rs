@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -107,18 +106,6 @@ async fn key_status(
         }
         tokio::time::sleep(ms(10)).await;
     }
-}
-
-async fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
-    let r = h1(admin, "GET", "/metrics", &[], b"").await;
-    r.text()
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect()
 }
 
 #[tokio::test]

@@ -382,12 +382,5 @@ fn answer(req: &RecordedRequest) -> Reply {
 fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
     let r = Client::new(admin).get("/metrics");
     assert_eq!(r.status, 200);
-    r.text()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect()
+    common::parse_metrics(&r.text())
 }

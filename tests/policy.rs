@@ -8,7 +8,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -71,29 +70,6 @@ fn contents(sse: &str) -> Vec<String> {
             Err(_) => d.to_string(),
         })
         .collect()
-}
-
-async fn metrics_when(
-    admin: SocketAddr,
-    ready: impl Fn(&HashMap<String, f64>) -> bool,
-) -> HashMap<String, f64> {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let r = h1(admin, "GET", "/metrics", &[], b"").await;
-        let m: HashMap<String, f64> = r
-            .text()
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                Some((name.to_string(), value.parse().ok()?))
-            })
-            .collect();
-        if ready(&m) || Instant::now() > deadline {
-            return m;
-        }
-        tokio::time::sleep(ms(10)).await;
-    }
 }
 
 fn actions(m: &HashMap<String, f64>, policy: &str, action: &str, side: &str) -> f64 {

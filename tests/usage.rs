@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::process::ProxyProcess;
@@ -40,38 +39,9 @@ fn stream_reply(first_delay: Duration) -> Reply {
     ])
 }
 
-async fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
-    let r = h1(admin, "GET", "/metrics", &[], b"").await;
-    assert_eq!(r.status, 200);
-    r.text()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 fn tokens(m: &HashMap<String, f64>, model: &str, kind: &str) -> f64 {
     let key = format!("arkgate_tokens_total{{key=\"-\",model=\"{model}\",type=\"{kind}\"}}");
     m.get(&key).copied().unwrap_or(0.0)
-}
-
-/// `/metrics` once `ready` holds (counters move in the `logging` hook, which runs after the
-/// client already has the whole answer), or after 3 s.
-async fn metrics_when(
-    admin: SocketAddr,
-    ready: impl Fn(&HashMap<String, f64>) -> bool,
-) -> HashMap<String, f64> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        let m = metrics(admin).await;
-        if ready(&m) || std::time::Instant::now() > deadline {
-            return m;
-        }
-        tokio::time::sleep(ms(10)).await;
-    }
 }
 
 fn body(model: &str, stream: bool, extra: &str) -> String {

@@ -201,27 +201,22 @@ impl Limiter {
 /// `retry-after` in whole seconds (rounded up, at least 1).
 pub fn headers(a: &Admission) -> Vec<(&'static str, String)> {
     let mut out = Vec::with_capacity(7);
-    if a.requests.limit > 0 {
-        out.push(("x-ratelimit-limit-requests", a.requests.limit.to_string()));
-        out.push((
-            "x-ratelimit-remaining-requests",
-            a.requests.remaining.to_string(),
-        ));
-        out.push((
-            "x-ratelimit-reset-requests",
-            format_reset(a.requests.reset_after),
-        ));
-    }
-    if a.tokens.limit > 0 {
-        out.push(("x-ratelimit-limit-tokens", a.tokens.limit.to_string()));
-        out.push((
-            "x-ratelimit-remaining-tokens",
-            a.tokens.remaining.to_string(),
-        ));
-        out.push((
-            "x-ratelimit-reset-tokens",
-            format_reset(a.tokens.reset_after),
-        ));
+    const REQUESTS: [&str; 3] = [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ];
+    const TOKENS: [&str; 3] = [
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+    ];
+    for (names, q) in [(REQUESTS, &a.requests), (TOKENS, &a.tokens)] {
+        if q.limit > 0 {
+            out.push((names[0], q.limit.to_string()));
+            out.push((names[1], q.remaining.to_string()));
+            out.push((names[2], format_reset(q.reset_after)));
+        }
     }
     if !a.allowed {
         let secs = a.retry_after.as_micros().div_ceil(1_000_000).max(1);

@@ -11,6 +11,7 @@
 //!   in-process on free ports, stopped when its handle drops.
 //! - [`process`]: the real `arkgate` binary as a child process on a [`ProxyBuilder`] config,
 //!   for signals, upgrades, memory, the log and `arkgate -t`.
+//! - [`metrics`]: `/metrics` read as a map, once or until a condition holds.
 //! - [`certs`]: a throwaway CA and a server certificate for `localhost` / 127.0.0.1.
 //!
 //! No fixed ports (everything binds port 0), readiness by polling a connect, and every wait is
@@ -25,6 +26,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod metrics;
 pub mod mock;
 pub mod process;
 pub mod proxy;
@@ -35,6 +37,7 @@ pub use client::{
     alpn, curl, h1, json_post_bytes, post_json, request_bytes, tls_connect, BlockingClient,
     CurlOutput, H1Client, H1Response, H2Client, H2Response,
 };
+pub use metrics::{metrics, metrics_when, parse_metrics};
 pub use mock::{DeadUpstream, MockConfig, MockUpstream, Proto, RecordedRequest, Reply, Version};
 pub use proxy::{proxy, start_proxy, yaml_str, Listeners, Proxy, ProxyBuilder};
 
