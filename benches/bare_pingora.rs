@@ -4,12 +4,26 @@
 //! One `upstream_peer` (a fixed plain-HTTP address), a path prefix prepended in
 //! `upstream_request_filter`, the `Host` header set; no body filters, no metrics, no logging.
 //! Whatever arkgate costs above this is arkgate's own; what this costs above nginx is Pingora's.
+//! It uses the same global allocator as the `arkgate` binary (the crate's allocator feature), so
+//! the ratio between the two is not an allocator's.
 //!
 //! ```text
 //! bare_pingora --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT [--prefix /api/v3] [--threads N]
+//!              [--tls-cert PEM --tls-key PEM] [--upstream-tls]
 //! ```
+//! `--tls-cert`/`--tls-key` make the listener TLS (HTTP/1.1 only, as arkgate's default); with
+//! `--upstream-tls` the upstream is reached over TLS (certificate not verified: a bench mock).
 
 use async_trait::async_trait;
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
@@ -19,6 +33,7 @@ use pingora::upstreams::peer::HttpPeer;
 struct Bare {
     upstream: String,
     prefix: String,
+    upstream_tls: bool,
 }
 
 #[async_trait]
@@ -28,11 +43,10 @@ impl ProxyHttp for Bare {
     fn new_ctx(&self) {}
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(
-            self.upstream.as_str(),
-            false,
-            String::new(),
-        )))
+        let mut peer = HttpPeer::new(self.upstream.as_str(), self.upstream_tls, "localhost".into());
+        peer.options.verify_cert = false;
+        peer.options.verify_hostname = false;
+        Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(
@@ -75,8 +89,21 @@ fn main() {
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
-    let mut svc = http_proxy_service(&server.configuration, Bare { upstream, prefix });
-    svc.add_tcp(&listen);
+    let upstream_tls = args.iter().any(|a| a == "--upstream-tls");
+    let bare = Bare {
+        upstream,
+        prefix,
+        upstream_tls,
+    };
+    let mut svc = http_proxy_service(&server.configuration, bare);
+    let (cert, key) = (arg(&args, "--tls-cert", ""), arg(&args, "--tls-key", ""));
+    if cert.is_empty() {
+        svc.add_tcp(&listen);
+    } else {
+        let settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
+            .expect("--tls-cert and --tls-key name a usable certificate and key");
+        svc.add_tls_with_settings(&listen, None, settings);
+    }
     server.add_service(svc);
     server.bootstrap();
     server.run_forever();

@@ -467,11 +467,13 @@ put paced_label "$PACED_CONNS conns × ${PACED_PAUSE_MS} ms pause"
 # --- Phase 2: idle keep-alive connections (fresh proxies) ---------------------------------------
 log "phase 2: RSS with $IDLE_CONNS idle keep-alive connections"
 start_proxies fast on
+start_bare "${MOCK_PORT[fast.bare]}"
 put idle_conns "$IDLE_CONNS"
 put idle_note "$IDLE_NOTE"
-for t in ark nginx; do
+for t in ark bare nginx; do
   port=$ARK_PORT
   [ $t = nginx ] && port=$NGINX_PORT
+  [ $t = bare ] && port=$BARE_PORT
   out=$(taskset -c "$LOAD_CPU" python3 "$CLIENT" idle --port "$port" --body "$BODY" \
     --conns "$IDLE_CONNS" --pids "$(pids_of $t)") || die "idle client failed against $t"
   log "  $t: $out"

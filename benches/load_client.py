@@ -274,7 +274,7 @@ def load_results(path):
     return r
 
 
-def floor_table(num, fmt, ratio):
+def floor_table(num, fmt, ratio, r_idle="?"):
     """Phase 1 against the floor reference: CPU µs per request of arkgate, a bare Pingora
     forwarder and nginx, from the 64-conn runs (CPU share ÷ req/s), and latency at 1 conn."""
     T = ("ark", "bare", "nginx")
@@ -292,6 +292,9 @@ def floor_table(num, fmt, ratio):
         ("Req/s, 64 conns", [num(f"{t}_tput_rps") for t in T]),
         ("Added p50 at 1 conn (µs)", [added(t, "p50") for t in T]),
         ("Added p99 at 1 conn (µs)", [added(t, "p99") for t in T]),
+        (f"RSS with {r_idle} idle keep-alive conns (MiB)",
+         [None if num(f"{t}_idle_rss_kib") is None else num(f"{t}_idle_rss_kib") / 1024.0
+          for t in T]),
     ]
     print()
     print("Floor reference (phase 1): arkgate against a bare Pingora forwarder and nginx")
@@ -417,7 +420,7 @@ def report(args):
     for cells in rows:
         print("| " + " | ".join(cells) + " |")
 
-    floor_table(num, fmt, ratio)
+    floor_table(num, fmt, ratio, r.get("idle_conns", "?"))
 
     # The targets, judged from the figures above (reported, never asserted).
     def verdict(ok):

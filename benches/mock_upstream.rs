@@ -8,12 +8,15 @@
 //!
 //! ```text
 //! mock_upstream --port N [--delay-ms D] [--sse-chunks N --sse-gap-ms G] [--threads T]
+//!               [--tls-cert PEM --tls-key PEM]
 //! ```
 //! - `--delay-ms D`: wait D ms after reading a request before answering (default 0).
 //! - `--sse-chunks N`: answer `text/event-stream`, chunked, N `data: {...}` events, the first at
 //!   once and then one every `--sse-gap-ms G` (default 20), paced from the start of the stream.
 //! - `--threads T`: tokio worker threads (default 1: a current-thread runtime, the cheapest when
 //!   the mock is pinned to one core).
+//! - `--tls-cert PEM --tls-key PEM`: speak TLS (HTTP/1.1 by ALPN) with this certificate and key,
+//!   for the TLS-on-both-sides shape of `benches/percore.sh`.
 //!
 //! `GET /__stats` answers one JSON line and is not itself counted:
 //! `{"accepted":A,"connections":C,"requests":R,"json_schema_bodies":S}` where `accepted` counts
@@ -29,7 +32,8 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use memchr::memmem;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use openssl::ssl::{Ssl, SslAcceptor, SslFiletype, SslMethod};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
@@ -70,6 +74,8 @@ struct Options {
     sse_chunks: usize,
     sse_gap: Duration,
     threads: usize,
+    /// Certificate chain and key (PEM): serve TLS.
+    tls: Option<(String, String)>,
 }
 
 /// Everything a connection needs, built once: the settings and the pre-encoded answers.
@@ -89,7 +95,8 @@ struct Shared {
 }
 
 fn usage() -> String {
-    "usage: mock_upstream --port N [--delay-ms D] [--sse-chunks N --sse-gap-ms G] [--threads T]"
+    "usage: mock_upstream --port N [--delay-ms D] [--sse-chunks N --sse-gap-ms G] [--threads T] \
+     [--tls-cert PEM --tls-key PEM]"
         .to_string()
 }
 
@@ -100,8 +107,10 @@ fn parse_args() -> Result<Options, String> {
         sse_chunks: 0,
         sse_gap: Duration::from_millis(20),
         threads: 1,
+        tls: None,
     };
     let mut port = None;
+    let (mut cert, mut key) = (None, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
@@ -128,6 +137,8 @@ fn parse_args() -> Result<Options, String> {
                     .map_err(|_| format!("--sse-chunks: {value} is out of range"))?
             }
             "--sse-gap-ms" => opts.sse_gap = Duration::from_millis(number("--sse-gap-ms")?),
+            "--tls-cert" => cert = Some(value),
+            "--tls-key" => key = Some(value),
             "--threads" => {
                 opts.threads = usize::try_from(number("--threads")?)
                     .ok()
@@ -138,6 +149,11 @@ fn parse_args() -> Result<Options, String> {
         }
     }
     opts.port = port.ok_or_else(|| format!("--port is required\n{}", usage()))?;
+    opts.tls = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => return Err(format!("--tls-cert and --tls-key go together\n{}", usage())),
+    };
     Ok(opts)
 }
 
@@ -330,7 +346,7 @@ fn scan_chunked(buf: &[u8]) -> Result<Option<(usize, bool)>, BadRequest> {
 }
 
 /// Reads more bytes into `buf`; false when the peer closed or the read failed.
-async fn fill(sock: &mut TcpStream, buf: &mut BytesMut) -> bool {
+async fn fill<S: AsyncRead + Unpin>(sock: &mut S, buf: &mut BytesMut) -> bool {
     if buf.capacity() - buf.len() < READ_RESERVE_BYTES / 4 {
         buf.reserve(READ_RESERVE_BYTES);
     }
@@ -347,7 +363,7 @@ fn stats_line() -> String {
     )
 }
 
-async fn reject(sock: &mut TcpStream, bad: BadRequest) {
+async fn reject<S: AsyncWrite + Unpin>(sock: &mut S, bad: BadRequest) {
     let answer = format!(
         "HTTP/1.1 {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         bad.status
@@ -356,7 +372,7 @@ async fn reject(sock: &mut TcpStream, bad: BadRequest) {
 }
 
 /// Serves one connection until the client closes it or asks to.
-async fn serve(mut sock: TcpStream, shared: Arc<Shared>) {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, shared: Arc<Shared>) {
     let mut buf = BytesMut::with_capacity(READ_RESERVE_BYTES);
     let mut counted = false;
     loop {
@@ -438,7 +454,8 @@ async fn serve(mut sock: TcpStream, shared: Arc<Shared>) {
 
 /// Writes the SSE head and `sse_chunks` events paced `sse_gap` apart from the first, then ends
 /// the chunked body.
-async fn stream_events(sock: &mut TcpStream, shared: &Shared, close: bool) -> std::io::Result<()> {
+async fn stream_events<S: AsyncWrite + Unpin>(
+    sock: &mut S, shared: &Shared, close: bool) -> std::io::Result<()> {
     let head = if close {
         &shared.sse_head_close
     } else {
@@ -456,6 +473,30 @@ async fn stream_events(sock: &mut TcpStream, shared: &Shared, close: bool) -> st
     sock.write_all(b"0\r\n\r\n").await
 }
 
+/// A TLS acceptor for the certificate chain and key, HTTP/1.1 by ALPN.
+fn tls_acceptor(cert: &str, key: &str) -> Result<Arc<SslAcceptor>, Box<dyn Error>> {
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())?;
+    b.set_certificate_chain_file(cert)?;
+    b.set_private_key_file(key, SslFiletype::PEM)?;
+    b.set_alpn_select_callback(|_, client| {
+        openssl::ssl::select_next_proto(b"\x08http/1.1", client).ok_or(openssl::ssl::AlpnError::NOACK)
+    });
+    Ok(Arc::new(b.build()))
+}
+
+/// The TLS handshake, then [`serve`] over the TLS stream.
+async fn serve_tls(sock: TcpStream, acceptor: Arc<SslAcceptor>, shared: Arc<Shared>) {
+    let Ok(ssl) = Ssl::new(acceptor.context()) else {
+        return;
+    };
+    let Ok(mut stream) = tokio_openssl::SslStream::new(ssl, sock) else {
+        return;
+    };
+    if std::pin::Pin::new(&mut stream).accept().await.is_ok() {
+        serve(stream, shared).await;
+    }
+}
+
 async fn run(opts: Options) -> Result<(), Box<dyn Error>> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], opts.port));
     let socket = TcpSocket::new_v4()?;
@@ -465,6 +506,7 @@ async fn run(opts: Options) -> Result<(), Box<dyn Error>> {
         .map_err(|e| format!("cannot bind {addr}: {e}"))?;
     let listener = socket.listen(BACKLOG)?;
     let shared = Arc::new(Shared::new(&opts));
+    let tls = opts.tls.as_ref().map(|(c, k)| tls_acceptor(c, k)).transpose()?;
     let mode = if opts.sse_chunks > 0 {
         format!(
             "sse {} chunks {} ms apart",
@@ -487,7 +529,12 @@ async fn run(opts: Options) -> Result<(), Box<dyn Error>> {
                     ACCEPTED.fetch_add(1, Relaxed);
                     // Answers are single writes; never wait for an ACK to send them.
                     let _ = sock.set_nodelay(true);
-                    tokio::spawn(serve(sock, shared.clone()));
+                    match &tls {
+                        None => drop(tokio::spawn(serve(sock, shared.clone()))),
+                        Some(acceptor) => {
+                            drop(tokio::spawn(serve_tls(sock, acceptor.clone(), shared.clone())))
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of descriptors, most likely: back off instead of spinning.
@@ -589,6 +636,7 @@ mod tests {
             sse_chunks: 2,
             sse_gap: Duration::from_millis(1),
             threads: 1,
+            tls: None,
         });
         let text = String::from_utf8(s.completion.clone()).expect("utf8");
         let (head, body) = text.split_once("\r\n\r\n").expect("head");
