@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use pingora::apps::HttpServerOptions;
 use pingora::connectors::ConnectorOptions;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -93,14 +94,12 @@ fn add_proxy_services(
         };
         let mut svc = Service::new(name.to_string(), app);
         for l in listeners {
-            let addr = l.addr.to_string();
-            match &l.tls {
-                None => svc.add_tcp(&addr),
-                Some(files) => {
-                    let settings = crate::config::files::tls_settings(files)?;
-                    svc.add_tls_with_settings(&addr, None, settings);
-                }
+            let mut endpoint = ListenerConfig::tcp(l.addr.to_string())
+                .l4_buffer(L4BufferSettings::default().read(l.read_buffer_bytes));
+            if let Some(files) = &l.tls {
+                endpoint = endpoint.tls(crate::config::files::tls_settings(files)?);
             }
+            svc.add_listener(endpoint);
         }
         server.add_service(svc);
     }

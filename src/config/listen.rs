@@ -18,6 +18,9 @@ pub(super) struct RawListener {
     tls: Option<RawTls>,
     #[serde(default)]
     h2c: bool,
+    /// Bytes read from a client socket at once (Pingora's buffer under the HTTP layer); None:
+    /// the default for the listener's kind.
+    read_buffer_bytes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -34,6 +37,20 @@ pub struct Listener {
     pub tls: Option<TlsFiles>,
     /// Accept HTTP/2 with prior knowledge on a plain listener.
     pub h2c: bool,
+    /// Per-connection read buffer under the HTTP layer, in bytes (0: none; each read goes to
+    /// the socket). See [`Listener::DEFAULT_PLAIN_READ_BUFFER`].
+    pub read_buffer_bytes: usize,
+}
+
+impl Listener {
+    /// Plain listeners read straight into the HTTP layer's own buffer: a buffer below it would
+    /// only add a copy, and it stays allocated while a keep-alive client is idle.
+    pub const DEFAULT_PLAIN_READ_BUFFER: usize = 0;
+    /// TLS listeners keep Pingora's 64 KiB: the TLS layer reads record by record and a buffer
+    /// below it saves system calls.
+    pub const DEFAULT_TLS_READ_BUFFER: usize = 64 * 1024;
+    /// Largest `read_buffer_bytes` accepted.
+    const MAX_READ_BUFFER: usize = 1 << 20;
 }
 
 /// Certificate chain and private key, PEM files.
@@ -66,6 +83,17 @@ impl RawListener {
                 "h2c is for plain listeners; TLS listeners offer h2 by ALPN",
             ));
         }
+        let read_buffer_bytes = match (self.read_buffer_bytes, &self.tls) {
+            (Some(n), _) if n > Listener::MAX_READ_BUFFER => {
+                return Err(ConfigError::invalid(
+                    format!("listen[{i}].read_buffer_bytes"),
+                    format!("{n} is more than {}", Listener::MAX_READ_BUFFER),
+                ))
+            }
+            (Some(n), _) => n,
+            (None, None) => Listener::DEFAULT_PLAIN_READ_BUFFER,
+            (None, Some(_)) => Listener::DEFAULT_TLS_READ_BUFFER,
+        };
         let tls = self.tls.map(|t| TlsFiles {
             cert_path: t.cert_path,
             key_path: t.key_path,
@@ -74,6 +102,7 @@ impl RawListener {
             addr,
             tls,
             h2c: self.h2c,
+            read_buffer_bytes,
         })
     }
 }
@@ -81,6 +110,7 @@ impl RawListener {
 #[cfg(test)]
 mod tests {
     use crate::config::tests::err;
+    use crate::config::Config;
 
     #[test]
     fn bad_listen_address_names_the_key() {
@@ -94,6 +124,18 @@ mod tests {
             err("listen: []\n"),
             "listen: at least one listener is required"
         );
+    }
+
+    #[test]
+    fn read_buffer_defaults_by_kind_and_is_bounded() {
+        let c = Config::from_yaml(
+            "listen: [{addr: \"127.0.0.1:1\"}, {addr: \"127.0.0.1:2\", tls: {cert_path: a, key_path: b}}, {addr: \"127.0.0.1:3\", read_buffer_bytes: 16384}]\nupstream: {base_url: \"http://127.0.0.1:9/v1\"}\n",
+        )
+        .expect("valid");
+        let sizes: Vec<usize> = c.listeners.iter().map(|l| l.read_buffer_bytes).collect();
+        assert_eq!(sizes, [0, 64 * 1024, 16384]);
+        let e = err("listen: [{addr: \"127.0.0.1:1\", read_buffer_bytes: 2000000}]\n");
+        assert_eq!(e, "listen[0].read_buffer_bytes: 2000000 is more than 1048576");
     }
 
     #[test]
