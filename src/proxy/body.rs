@@ -282,8 +282,10 @@ impl Bodies {
     /// Decides the mode for a complete JSON body and returns the bytes to send.
     fn plan_json_body(&self, body: Bytes, st: &mut BodyState) -> Bytes {
         let policy = &self.structured;
-        let mentions = structured::mentions_json_schema(&body);
-        let inspection = if mentions || policy.has_model_rules() {
+        // Only a mode other than bytes needs the body parsed: with bytes everywhere, the mode is
+        // bytes whatever the model, and the byte rules need no parse.
+        let mentions = policy.inspects_bodies() && structured::mentions_json_schema(&body);
+        let inspection = if mentions || policy.inspects_bodies() && policy.has_model_rules() {
             match structured::inspect(&body) {
                 Ok(i) => Some(i),
                 Err(skip) => {

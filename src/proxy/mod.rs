@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::protocols::Digest;
 use pingora::proxy::FailToProxy;
@@ -99,12 +100,18 @@ impl Gateway {
 
 #[async_trait]
 impl ProxyHttp for Gateway {
-    type CTX = RequestCtx;
+    /// Boxed: Pingora keeps the context inside every connection's request future, whose size a
+    /// keep-alive connection pays while idle and which is moved into a fresh box per request.
+    type CTX = Box<RequestCtx>;
 
-    fn new_ctx(&self) -> RequestCtx {
+    /// No downstream modules: arkgate compresses nothing for its clients, and Pingora's default
+    /// (a compression module that is off) would still be built and called on every request.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    fn new_ctx(&self) -> Box<RequestCtx> {
         METRICS.in_flight.inc();
         let timing = ctx::Timing::start();
-        RequestCtx {
+        Box::new(RequestCtx {
             auth: auth::AuthState::default(),
             limit: ratelimit::LimitState::default(),
             attempt: self.retry.new_state(timing.started),
@@ -114,12 +121,12 @@ impl ProxyHttp for Gateway {
             cache: cache::CacheState::default(),
             policy: policy::PolicyState::default(),
             timing,
-        }
+        })
     }
 
     /// Runs first for every request: the client key, the warm-up pin, client settings, limits,
     /// the body plan, the rate limits.
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Box<RequestCtx>) -> Result<bool> {
         self.auth
             .request_filter(session.req_header(), &mut ctx.auth)?;
         self.retry.request_filter(session, &mut ctx.attempt);
@@ -146,7 +153,7 @@ impl ProxyHttp for Gateway {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<Box<HttpPeer>> {
         self.body.new_attempt(&mut ctx.body);
         self.retry.upstream_peer(&mut ctx.attempt).await
@@ -158,7 +165,7 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         _peer: &HttpPeer,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
         e: Box<Error>,
     ) -> Box<Error> {
         self.retry.fail_to_connect(&mut ctx.attempt, e)
@@ -171,7 +178,7 @@ impl ProxyHttp for Gateway {
         _peer: &HttpPeer,
         #[cfg(unix)] _fd: std::os::unix::io::RawFd,
         _digest: Option<&Digest>,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         self.retry.connected(&mut ctx.attempt, reused);
         Ok(())
@@ -182,7 +189,7 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         req: &mut RequestHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         self.forwarded
             .upstream_request_filter(session, req, ctx.attempt.endpoint())?;
@@ -199,7 +206,7 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         self.retry.check_deadline(&ctx.attempt)?;
         self.body
@@ -219,7 +226,7 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         resp: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         // Nothing has been written to the client yet: a late header still becomes a clean 504.
         self.retry.check_deadline(&ctx.attempt)?;
@@ -240,7 +247,7 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         resp: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<()> {
         let from_upstream = ctx.timing.upstream_status.is_some();
         self.usage
@@ -264,7 +271,7 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<Option<Duration>> {
         self.retry.check_deadline(&ctx.attempt)?;
         if end_of_stream {
@@ -288,7 +295,7 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         _trailers: &mut http::HeaderMap,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> Result<Option<Bytes>> {
         ctx.timing.upstream_done.get_or_insert_with(Instant::now);
         self.usage.finish(&mut ctx.usage);
@@ -315,7 +322,7 @@ impl ProxyHttp for Gateway {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
         client_reused: bool,
     ) -> Box<Error> {
         let e = e.more_context(format!("peer {peer}"));
@@ -329,7 +336,7 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         e: &Error,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> FailToProxy {
         let reply = classify(e);
         reply.failure.count();
@@ -341,7 +348,7 @@ impl ProxyHttp for Gateway {
 
     /// Refused requests (431, 413, …) are the client's doing: no error log line for them. Nor
     /// for a limit store that is down: the store logs that at most once a second.
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Box<RequestCtx>, e: &Error) -> bool {
         let failure = classify(e).failure;
         failure.is_client_error() || failure == error::Failure::LimitStoreDown
     }
@@ -350,7 +357,7 @@ impl ProxyHttp for Gateway {
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,
-        _ctx: &RequestCtx,
+        _ctx: &Box<RequestCtx>,
         e: &Error,
         _context: ProxyWarnLogContext,
     ) -> bool {
@@ -358,7 +365,7 @@ impl ProxyHttp for Gateway {
     }
 
     /// Always last: metrics and the (sampled) access line.
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Box<RequestCtx>) {
         METRICS.in_flight.dec();
         let written = session.response_written().map(|r| r.status.as_u16());
         let status = match (written, e) {
@@ -379,7 +386,7 @@ impl ProxyHttp for Gateway {
     }
 
     /// Used in Pingora's own error log lines: method and path only (no query, no headers).
-    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+    fn request_summary(&self, session: &Session, _ctx: &Box<RequestCtx>) -> String {
         let req = session.req_header();
         format!("{} {}", req.method, req.uri.path())
     }

@@ -26,12 +26,16 @@ pub fn response_filter(resp: &mut ResponseHeader, t: &Timing) -> Result<()> {
     let Some((ours, upstream)) = split(t) else {
         return Ok(());
     };
+    // Milliseconds with three decimals, from whole microseconds: integer formatting only.
+    let (ours, upstream) = (ours.as_micros(), upstream.as_micros());
     let mut v = String::with_capacity(48);
     let _ = write!(
         v,
-        "arkgate;dur={:.3}, upstream;dur={:.3}",
-        ours.as_secs_f64() * 1e3,
-        upstream.as_secs_f64() * 1e3
+        "arkgate;dur={}.{:03}, upstream;dur={}.{:03}",
+        ours / 1000,
+        ours % 1000,
+        upstream / 1000,
+        upstream % 1000
     );
     if let Ok(value) = HeaderValue::from_str(&v) {
         resp.insert_header("Server-Timing", value)?;

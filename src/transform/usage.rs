@@ -563,10 +563,17 @@ fn envelope(data: &[u8]) -> Option<Envelope<'_>> {
 /// a top-level usage object must be. Cheap, and false for DeepSeek/ARK's `"usage":null` on
 /// every chunk, so those events are never parsed.
 fn may_hold_usage(data: &[u8]) -> bool {
-    USAGE_KEY.find_iter(data).any(|at| {
-        let rest = data[at + b"\"usage\"".len()..].trim_ascii_start();
+    key_followed_by(&USAGE_KEY, data, b"{")
+}
+
+/// Whether some occurrence of the quoted key `key` in `data` is followed by `:` and a value
+/// that starts with `value` (whitespace allowed between). A cheap necessary condition for a
+/// top-level member `key: value…`, checked before any parse.
+fn key_followed_by(key: &memmem::Finder<'_>, data: &[u8], value: &[u8]) -> bool {
+    key.find_iter(data).any(|at| {
+        let rest = data[at + key.needle().len()..].trim_ascii_start();
         rest.strip_prefix(b":")
-            .is_some_and(|value| value.trim_ascii_start().starts_with(b"{"))
+            .is_some_and(|v| v.trim_ascii_start().starts_with(value))
     })
 }
 
@@ -928,11 +935,13 @@ impl StreamUsage {
 ///
 /// Every other byte stays as it was (key order, whitespace, escapes, numbers): the new text is
 /// spliced in at one place. Keys are compared with their escapes resolved. A body without the
-/// bytes `"stream"` is [`StreamUsage::NotStreamed`] without being parsed.
+/// bytes `"stream"` followed by `:` and `true` is [`StreamUsage::NotStreamed`] without being
+/// parsed (a `"stream": true` inside a string only costs the parse that finds it is not one).
 pub fn ensure_include_usage(body: &[u8]) -> StreamUsage {
     static STREAM_KEY: LazyLock<memmem::Finder<'static>> =
         LazyLock::new(|| memmem::Finder::new(b"\"stream\""));
-    if STREAM_KEY.find(body).is_none() {
+    // Most requests do not stream: no `"stream": true` anywhere means no parse at all.
+    if !key_followed_by(&STREAM_KEY, body, b"true") {
         return StreamUsage::NotStreamed;
     }
     let Some(members) = object_members(body) else {
