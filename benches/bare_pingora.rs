@@ -43,7 +43,11 @@ impl ProxyHttp for Bare {
     fn new_ctx(&self) {}
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
-        let mut peer = HttpPeer::new(self.upstream.as_str(), self.upstream_tls, "localhost".into());
+        let mut peer = HttpPeer::new(
+            self.upstream.as_str(),
+            self.upstream_tls,
+            "localhost".into(),
+        );
         peer.options.verify_cert = false;
         peer.options.verify_hostname = false;
         Ok(Box::new(peer))

@@ -455,7 +455,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, shared: Arc<Share
 /// Writes the SSE head and `sse_chunks` events paced `sse_gap` apart from the first, then ends
 /// the chunked body.
 async fn stream_events<S: AsyncWrite + Unpin>(
-    sock: &mut S, shared: &Shared, close: bool) -> std::io::Result<()> {
+    sock: &mut S,
+    shared: &Shared,
+    close: bool,
+) -> std::io::Result<()> {
     let head = if close {
         &shared.sse_head_close
     } else {
@@ -479,7 +482,8 @@ fn tls_acceptor(cert: &str, key: &str) -> Result<Arc<SslAcceptor>, Box<dyn Error
     b.set_certificate_chain_file(cert)?;
     b.set_private_key_file(key, SslFiletype::PEM)?;
     b.set_alpn_select_callback(|_, client| {
-        openssl::ssl::select_next_proto(b"\x08http/1.1", client).ok_or(openssl::ssl::AlpnError::NOACK)
+        openssl::ssl::select_next_proto(b"\x08http/1.1", client)
+            .ok_or(openssl::ssl::AlpnError::NOACK)
     });
     Ok(Arc::new(b.build()))
 }
@@ -506,7 +510,11 @@ async fn run(opts: Options) -> Result<(), Box<dyn Error>> {
         .map_err(|e| format!("cannot bind {addr}: {e}"))?;
     let listener = socket.listen(BACKLOG)?;
     let shared = Arc::new(Shared::new(&opts));
-    let tls = opts.tls.as_ref().map(|(c, k)| tls_acceptor(c, k)).transpose()?;
+    let tls = opts
+        .tls
+        .as_ref()
+        .map(|(c, k)| tls_acceptor(c, k))
+        .transpose()?;
     let mode = if opts.sse_chunks > 0 {
         format!(
             "sse {} chunks {} ms apart",

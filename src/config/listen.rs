@@ -135,7 +135,10 @@ mod tests {
         let sizes: Vec<usize> = c.listeners.iter().map(|l| l.read_buffer_bytes).collect();
         assert_eq!(sizes, [0, 64 * 1024, 16384]);
         let e = err("listen: [{addr: \"127.0.0.1:1\", read_buffer_bytes: 2000000}]\n");
-        assert_eq!(e, "listen[0].read_buffer_bytes: 2000000 is more than 1048576");
+        assert_eq!(
+            e,
+            "listen[0].read_buffer_bytes: 2000000 is more than 1048576"
+        );
     }
 
     #[test]

@@ -156,10 +156,17 @@ impl Bodies {
         }
         match &st.plan {
             BodyPlan::Replace(body) => {
-                // The body was already read (after answering any `Expect` ourselves).
-                req.remove_header(&header::EXPECT);
-                req.remove_header(&header::TRANSFER_ENCODING);
-                req.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+                // The body was already read (after answering any `Expect` ourselves). Looked up
+                // first: most requests have neither field, and their length is unchanged.
+                for name in [&header::EXPECT, &header::TRANSFER_ENCODING] {
+                    if req.headers.contains_key(name) {
+                        req.remove_header(name);
+                    }
+                }
+                let length = req.headers.get(header::CONTENT_LENGTH);
+                if length.and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) != Some(body.len()) {
+                    req.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+                }
             }
             BodyPlan::Hold(_) => {
                 // The final length is known only at the end: re-framed as chunked on HTTP/1.1.

@@ -5,13 +5,15 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 
 use crate::config::{Cidr, Config};
 use crate::upstream::Endpoint;
 
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static VIA: HeaderValue = HeaderValue::from_static("1.1 arkgate");
 static NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
 static NO: HeaderValue = HeaderValue::from_static("no");
@@ -48,7 +50,9 @@ impl Forwarding {
             http::Uri::try_from(target).or_err(ErrorType::InvalidHTTPHeader, "request target")?;
         req.set_uri(uri);
         req.insert_header(header::HOST, ep.host_header.clone())?;
-        req.remove_header("proxy-connection");
+        if req.headers.contains_key(&PROXY_CONNECTION) {
+            req.remove_header(&PROXY_CONNECTION);
+        }
         self.set_forwarded_headers(session, req)
     }
 
@@ -141,6 +145,12 @@ fn client_target(req: &RequestHeader) -> &[u8] {
 /// Drops the upstream's connection-specific fields: those its `Connection` header names, and the
 /// standard hop-by-hop ones (RFC 9110 §7.6.1). Pingora frames the client connection itself.
 fn remove_hop_by_hop(resp: &mut ResponseHeader) {
+    // Most answers carry none of them: one look at each name, not a removal per field.
+    let hop_by_hop =
+        |n: &HeaderName| n == header::CONNECTION || n == KEEP_ALIVE || n == PROXY_CONNECTION;
+    if !resp.headers.keys().any(hop_by_hop) {
+        return;
+    }
     if let Some(named) = resp
         .headers
         .get(header::CONNECTION)
@@ -150,7 +160,7 @@ fn remove_hop_by_hop(resp: &mut ResponseHeader) {
             resp.remove_header(&name);
         }
     }
-    for name in ["keep-alive", "proxy-connection", "connection"] {
+    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &header::CONNECTION] {
         resp.remove_header(name);
     }
 }

@@ -126,7 +126,11 @@ impl ProxyHttp for Gateway {
 
     /// Runs first for every request: the client key, the warm-up pin, client settings, limits,
     /// the body plan, the rate limits.
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Box<RequestCtx>) -> Result<bool> {
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut Box<RequestCtx>,
+    ) -> Result<bool> {
         self.auth
             .request_filter(session.req_header(), &mut ctx.auth)?;
         self.retry.request_filter(session, &mut ctx.attempt);

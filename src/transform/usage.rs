@@ -1744,6 +1744,8 @@ mod tests {
             r#"{"model":"m","stream":"true"}"#,
             r#"{"model":"m","stream":null,"stream_options":{}}"#,
             r#"{"messages":[{"role":"user","content":"\"stream\":true"}]}"#,
+            r#"{"messages":[{"role":"user","content":"say \"stream\": true"}],"stream":false}"#,
+            r#"["stream"]"#,
             "",
         ] {
             assert_eq!(
@@ -1763,7 +1765,7 @@ mod tests {
             r#"{"stream":true,"stream_options":[]}"#,
             r#"{"stream":true,"stream_options":{"include_usage":false,"include_usage":false}}"#,
             r#"{"stream":true"#,
-            r#"["stream"]"#,
+            r#"[{"stream":true}]"#,
             r#"{"stream":true} trailing"#,
         ] {
             let result = ensure_include_usage(body.as_bytes());
