@@ -9,8 +9,10 @@
 //!
 //! ```text
 //! bare_pingora --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT [--prefix /api/v3] [--threads N]
-//!              [--tls-cert PEM --tls-key PEM] [--upstream-tls]
+//!              [--tls-cert PEM --tls-key PEM] [--upstream-tls] [--work-stealing]
 //! ```
+//! It runs Pingora's single-threaded runtimes, as arkgate does by default; `--work-stealing`
+//! switches to Pingora's default work-stealing runtime.
 //! `--tls-cert`/`--tls-key` make the listener TLS (HTTP/1.1 only, as arkgate's default); with
 //! `--upstream-tls` the upstream is reached over TLS (certificate not verified: a bench mock).
 
@@ -90,6 +92,7 @@ fn main() {
     let threads = arg(&args, "--threads", "1").parse().unwrap_or(1);
     let conf = ServerConf {
         threads,
+        work_stealing: args.iter().any(|a| a == "--work-stealing"),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

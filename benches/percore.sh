@@ -7,7 +7,9 @@
 # Targets (VARIANTS, run in turn for ROUNDS rounds, so a drift of the machine touches all alike):
 #   direct          wrk to the mock itself (for added latency; no proxy CPU)
 #   nginx           proxy_pass with an upstream keepalive pool, one worker, no rewrite
-#   bare[@bin]      the bare Pingora 0.9 forwarder, one thread (@bin: the binary in $BARE_BIN_bin)
+#   bare[+steal][@bin]  the bare Pingora 0.9 forwarder, one thread, Pingora's single-threaded
+#                   runtime as arkgate's default (+steal: the work-stealing one; @bin: the binary
+#                   in $BARE_BIN_bin)
 #   ark[+opt...][@bin]  arkgate with its defaults and one thread, changed by each +opt:
 #       +pass       no byte rules, structured_output passthrough (the rewrite's own cost)
 #       +nolog      logging.sample_rate 0 (no sampled access lines)
@@ -28,7 +30,7 @@
 # Then, on plain HTTP, each of IDLE_VARIANTS is started afresh and holds IDLE_CONNS keep-alive
 # client connections, each served one request and then left idle: its RSS is reported.
 #
-# Tunables (environment): VARIANTS SHAPES ROUNDS TPUT_SECS LAT_SECS PROXY_CPU LOAD_CPU
+# Tunables (environment): VARIANTS TLS_VARIANTS (the tls shape's, default VARIANTS) SHAPES ROUNDS TPUT_SECS LAT_SECS PROXY_CPU LOAD_CPU
 # IDLE_VARIANTS IDLE_CONNS (0: no idle phase) KEEP_WORK=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -97,6 +99,7 @@ start_target() {
         [ -x "$bin" ] || die "$v: \$$var does not name an executable"
       fi
       [ "$shape" = tls ] && tls=(--tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem" --upstream-tls)
+      [[ $v == bare+steal* ]] && tls+=(--work-stealing)
       taskset -c "$PROXY_CPU" "$bin" --listen "127.0.0.1:$port" --upstream "127.0.0.1:$mport" \
         --prefix /api/v3 --threads 1 "${tls[@]}" >"$WORK/${v//@/_}.log" 2>&1 &
       pid=$!
@@ -213,7 +216,9 @@ stop_target() {
 RESULTS=()
 for round in $(seq 1 "$ROUNDS"); do
   for shape in $SHAPES; do
-    for v in $VARIANTS; do
+    variants=$VARIANTS
+    [ "$shape" = tls ] && variants=${TLS_VARIANTS:-$VARIANTS}
+    for v in $variants; do
       scheme=http
       [ "$shape" = tls ] && scheme=https
       if [ "$v" = direct ]; then
