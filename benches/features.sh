@@ -32,49 +32,19 @@ VARIANTS=${VARIANTS:-"base cache_hit cache_redis keys_only limit_memory limit_re
 ROUNDS=${ROUNDS:-3}
 LUA=$ROOT/benches/load_post.lua
 
-log() { printf '== %s\n' "$*" >&2; }
-die() {
-  log "ERROR: $*"
-  exit 1
-}
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 bash .ci/setup >&2
-if ! command -v wrk >/dev/null; then
-  log "installing wrk (Debian package)"
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk >/dev/null; } ||
-    die "could not install wrk"
-fi
+command -v wrk >/dev/null 2>&1 || apt_install wrk
 
 log "building arkgate and the mock (release)"
-cargo build --release --quiet --bin arkgate --example mock_upstream || die "release build failed"
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-ARKGATE=$TARGET_DIR/release/arkgate
-MOCK=$TARGET_DIR/release/examples/mock_upstream
+cargo_release --bin arkgate --example mock_upstream
+ARKGATE=$REL/arkgate
+MOCK=$REL/examples/mock_upstream
 
 WORK=$(mktemp -d /tmp/arkgate-features.XXXXXX)
 STARTED=()
-cleanup() {
-  local pid
-  for pid in "${STARTED[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
-  sleep 0.5
-  for pid in "${STARTED[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { # port pid name
-  local i
-  for ((i = 0; i < 200; i++)); do
-    kill -0 "$2" 2>/dev/null || die "$3 exited at start: $(tail -3 "$WORK/$3.log" 2>/dev/null)"
-    if (: </dev/tcp/127.0.0.1/"$1") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  die "$3 did not listen on $1"
-}
-cpu_ticks() { local f; read -r -a f <"/proc/$1/stat"; echo $((f[13] + f[14])); }
+trap stop_all EXIT
 
 MOCK_PORT=$(free_port)
 taskset -c "$LOAD_CPU" "$MOCK" --port "$MOCK_PORT" >"$WORK/mock.log" 2>&1 &
@@ -126,13 +96,8 @@ YAML
   esac
 }
 
-run_wrk() { # conns secs auth -> sets W_*
-  local out=$WORK/wrk.out kv line
-  WRK_BODY=$BODY WRK_AUTH=$3 taskset -c "$LOAD_CPU" wrk -t1 -c"$1" -d"${2}s" --timeout 2s -s "$LUA" \
-    "http://127.0.0.1:$ARK_PORT/chat/completions" >"$out" 2>&1 || die "wrk failed: $(tail -3 "$out")"
-  line=$(grep '^RESULT ' "$out") || die "wrk printed no RESULT line"
-  for kv in ${line#RESULT }; do printf -v "W_${kv%%=*}" '%s' "${kv#*=}"; done
-  ((W_errors == 0)) || log "WARNING: $W_errors errors (status $W_status)"
+ark_wrk() { # conns secs auth: run_wrk against this variant's listener
+  run_wrk "http://127.0.0.1:$ARK_PORT/chat/completions" "$@"
 }
 
 RESULTS=()
@@ -152,14 +117,14 @@ for v in $VARIANTS; do
   wait_port "$ARK_PORT" "$pid" "$v"
   auth=""
   case $v in limit_* | keys_only) auth="Bearer $CLIENT_KEY" ;; esac
-  run_wrk 64 1 "$auth" # warm-up (and the first, stored, answer for the cache variants)
-  run_wrk 1 1 "$auth"
+  ark_wrk 64 1 "$auth" # warm-up (and the first, stored, answer for the cache variants)
+  ark_wrk 1 1 "$auth"
   c0=$(cpu_ticks "$pid")
-  run_wrk 64 "$TPUT_SECS" "$auth"
+  ark_wrk 64 "$TPUT_SECS" "$auth"
   c1=$(cpu_ticks "$pid")
   rps=$W_rps
   cpu=$(python3 -c "print(round(100.0 * ($c1 - $c0) / $(getconf CLK_TCK) / $TPUT_SECS, 1))")
-  run_wrk 1 "$LAT_SECS" "$auth"
+  ark_wrk 1 "$LAT_SECS" "$auth"
   log "round $round $v: $rps req/s at CPU $cpu%, 1 conn p50 $W_p50_us µs p99 $W_p99_us µs"
   RESULTS+=("$v $rps $cpu $W_p50_us $W_p99_us")
   kill -INT "$pid" 2>/dev/null || true

@@ -73,3 +73,61 @@ stop_all() { # the EXIT trap: every PID in STARTED, SIGINT then SIGKILL
   for pid in "${STARTED[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
   [ "${KEEP_WORK:-0}" = 1 ] && log "kept $WORK" || rm -rf "$WORK"
 }
+
+# nginx_conf file listen_port upstream_port proxy_buffering(on|off) connections [tls_cert tls_key]:
+# writes the nginx side of a comparison: one worker, access log off, an upstream keepalive pool,
+# keep-alive limits lifted (nginx's default 1000 would close each client and upstream connection
+# after 1000 requests; the proxies compared with it have no such limit), no rewrite. With a
+# certificate and key it listens with TLS and reaches the upstream over TLS (not verified: a mock).
+nginx_conf() {
+  local ssl="" scheme=http proxy_ssl=""
+  if [ -n "${6:-}" ]; then
+    ssl=" ssl;
+    ssl_certificate $6;
+    ssl_certificate_key $7"
+    scheme=https
+    proxy_ssl="proxy_ssl_verify off; proxy_ssl_session_reuse on;"
+  fi
+  mkdir -p "$WORK/nginx_tmp"
+  cat >"$1" <<EOF
+worker_processes 1;
+daemon off;
+master_process on;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx_error.log warn;
+worker_rlimit_nofile $(($5 + 100));
+events { worker_connections $5; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx_tmp/client_body;
+  proxy_temp_path $WORK/nginx_tmp/proxy;
+  fastcgi_temp_path $WORK/nginx_tmp/fastcgi;
+  uwsgi_temp_path $WORK/nginx_tmp/uwsgi;
+  scgi_temp_path $WORK/nginx_tmp/scgi;
+  keepalive_requests 1000000;
+  upstream mock {
+    server 127.0.0.1:$3;
+    keepalive 64;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:$2 backlog=8192$ssl;
+    location / {
+      proxy_pass $scheme://mock/api/v3/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering $4;
+      $proxy_ssl
+    }
+  }
+}
+EOF
+}
+
+# cargo_release args...: builds the named release targets quietly and sets REL to the release
+# directory (wherever cargo's target directory is).
+cargo_release() {
+  cargo build --release --quiet "$@" || die "cargo build --release $* failed"
+  REL=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
+}

@@ -31,6 +31,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh" # shared helpers; log and die are redefined below with timings
 
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
@@ -248,45 +250,10 @@ start_bare() { # upstream_port
 }
 
 start_nginx() { # upstream_port proxy_buffering(on|off)
-  mkdir -p "$WORK/nginx_tmp"
   # Enough for the idle test or the 4096-conn step (client + upstream side), within the fd limit.
   local NGINX_CONNS=$((IDLE_CONNS + 2048 > 16384 ? IDLE_CONNS + 2048 : 16384))
-  ((NGINX_CONNS <= NOFILE - 100)) || NGINX_CONNS=$((NOFILE - 100))
-  cat >"$WORK/nginx.conf" <<EOF
-# Written by benches/load.sh: one worker, upstream keepalive pool, no rewrite.
-worker_processes 1;
-daemon off;
-master_process on;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx_error.log warn;
-worker_rlimit_nofile $NOFILE;
-events { worker_connections $NGINX_CONNS; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/nginx_tmp/client_body;
-  proxy_temp_path $WORK/nginx_tmp/proxy;
-  fastcgi_temp_path $WORK/nginx_tmp/fastcgi;
-  uwsgi_temp_path $WORK/nginx_tmp/uwsgi;
-  scgi_temp_path $WORK/nginx_tmp/scgi;
-  # The default (1000) would close each client and upstream connection after 1000 requests;
-  # arkgate has no such limit, so lift it for a like-for-like comparison.
-  keepalive_requests 1000000;
-  upstream mock {
-    server 127.0.0.1:$1;
-    keepalive 64;
-    keepalive_requests 1000000;
-  }
-  server {
-    listen 127.0.0.1:$NGINX_PORT backlog=8192;
-    location / {
-      proxy_pass http://mock/api/v3/;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering $2;
-    }
-  }
-}
-EOF
+  ((NGINX_CONNS <= NOFILE - 200)) || NGINX_CONNS=$((NOFILE - 200))
+  nginx_conf "$WORK/nginx.conf" "$NGINX_PORT" "$1" "$2" "$NGINX_CONNS"
   "$NGINX_BIN" -t -q -e "$WORK/nginx_error.log" -p "$WORK" -c "$WORK/nginx.conf" 2>"$WORK/nginx-check.log" ||
     die "nginx rejected the bench config: $(cat "$WORK/nginx-check.log")"
   taskset -c "$PROXY_CPU" "$NGINX_BIN" -e "$WORK/nginx_error.log" -p "$WORK" -c "$WORK/nginx.conf" \
@@ -332,25 +299,6 @@ pids_of() { # target: the proxy's PIDs (comma-separated)
     nginx) echo "$NGINX_PID,$NGINX_WORKER" ;;
     *) echo "" ;;
   esac
-}
-
-cpu_ticks() { # comma-separated pids: utime+stime of all their threads, in clock ticks
-  local total=0 pid f
-  for pid in ${1//,/ }; do
-    read -r -a f <"/proc/$pid/stat"
-    # Fields 14 and 15 (1-based); comm has no spaces for arkgate and nginx.
-    total=$((total + f[13] + f[14]))
-  done
-  echo "$total"
-}
-
-status_kib() { # comma-separated pids, field (VmHWM|VmRSS): summed, in KiB
-  local total=0 pid v
-  for pid in ${1//,/ }; do
-    v=$(awk -v f="$2:" '$1 == f {print $2}' "/proc/$pid/status")
-    total=$((total + ${v:-0}))
-  done
-  echo "$total"
 }
 
 url_of() { # target mock_kind

@@ -438,18 +438,22 @@ def report(args):
     _, a_idle, _ = g("idle_rss_kib")
     added_ttfb = both(a_ttfb, d_ttfb, lambda x, y: x - y)
     print()
-    print("Targets:")
-    print(f"- throughput per core >= nginx: {verdict(both(per_a, per_n, lambda x, y: x >= y))}"
+    print("Targets (the per-core issue's, reported here, never asserted by a test):")
+    print(f"- req/s per core >= 0.45x nginx's: "
+          f"{verdict(both(per_a, per_n, lambda x, y: x >= 0.45 * y))}"
           f" ({ratio(per_a, per_n)}; from req/s per proxy core)")
-    print(f"- added p99 at 1 conn <= nginx's: "
-          f"{verdict(None if None in (d1, a1, n1) else a1 - d1 <= n1 - d1)}"
+    print(f"- added p99 at 1 conn <= 2x nginx's: "
+          f"{verdict(None if None in (d1, a1, n1) else a1 - d1 <= 2 * (n1 - d1))}"
           f" ({fmt(None if None in (a1, d1) else a1 - d1)} vs {fmt(None if None in (n1, d1) else n1 - d1)} µs)")
     print(f"- SSE added TTFB < 300 µs: {verdict(None if added_ttfb is None else added_ttfb < 300)}"
           f" ({fmt(added_ttfb)} µs, p50)")
+    print(f"- 1,000 concurrent SSE streams without a stall: "
+          f"{verdict(None if num('ark_sse_best_streams') is None else num('ark_sse_best_streams') >= 1000)}"
+          f" ({fmt(num('ark_sse_best_streams'))})")
     print(f"- RSS under the 64-conn load < 50 MiB: {verdict(None if a_hwm is None else a_hwm < 50 * 1024)}"
           f" ({fmt(mib(a_hwm))} MiB)")
-    print(f"- {r.get('idle_conns', '?')} idle connections < 200 MiB: "
-          f"{verdict(None if a_idle is None else a_idle < 200 * 1024)} ({fmt(mib(a_idle))} MiB)")
+    print(f"- {r.get('idle_conns', '?')} idle connections < 250 MiB: "
+          f"{verdict(None if a_idle is None else a_idle < 250 * 1024)} ({fmt(mib(a_idle))} MiB)")
     low = [f"{name} {fmt(c)}%" for name, c in (("arkgate", a_cpu), ("nginx", n_cpu))
            if c is not None and c < 90]
     if low:

@@ -31,7 +31,9 @@
 # client connections, each served one request and then left idle: its RSS is reported.
 #
 # Tunables (environment): VARIANTS TLS_VARIANTS (the tls shape's, default VARIANTS) SHAPES ROUNDS TPUT_SECS LAT_SECS PROXY_CPU LOAD_CPU
-# IDLE_VARIANTS IDLE_CONNS (0: no idle phase) KEEP_WORK=1
+# IDLE_VARIANTS IDLE_CONNS (0: no idle phase) RESULTS_FILE (keeps the raw figures, one line per
+# run; `mapfile -t r <FILE; python3 benches/percore_report.py "${r[@]}"` reprints the tables)
+# KEEP_WORK=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -60,13 +62,10 @@ NOFILE=$(ulimit -n)
 ((IDLE_CONNS + 4096 <= NOFILE)) || IDLE_CONNS=$((NOFILE - 4096))
 
 log "building arkgate, the mock and the bare forwarder (release)"
-cargo build --release --quiet --bin arkgate --example mock_upstream --example bare_pingora ||
-  die "release build failed"
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-ARKGATE=$TARGET_DIR/release/arkgate
-MOCK=$TARGET_DIR/release/examples/mock_upstream
-BARE=$TARGET_DIR/release/examples/bare_pingora
+cargo_release --bin arkgate --example mock_upstream --example bare_pingora
+ARKGATE=$REL/arkgate
+MOCK=$REL/examples/mock_upstream
+BARE=$REL/examples/bare_pingora
 
 WORK=$(mktemp -d /tmp/arkgate-percore.XXXXXX)
 STARTED=()
@@ -154,47 +153,9 @@ start_ark() { # variant shape port mock_port
 }
 
 start_nginx() { # shape port mock_port
-  local ssl="" upstream_scheme=http proxy_ssl=""
-  if [ "$1" = tls ]; then
-    ssl=" ssl;
-    ssl_certificate $WORK/cert.pem;
-    ssl_certificate_key $WORK/key.pem"
-    upstream_scheme=https
-    proxy_ssl="proxy_ssl_verify off; proxy_ssl_session_reuse on;"
-  fi
-  mkdir -p "$WORK/nginx_tmp"
-  cat >"$WORK/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-master_process on;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx_error.log warn;
-worker_rlimit_nofile $NOFILE;
-events { worker_connections $((IDLE_CONNS + 4096)); }
-http {
-  access_log off;
-  client_body_temp_path $WORK/nginx_tmp/client_body;
-  proxy_temp_path $WORK/nginx_tmp/proxy;
-  fastcgi_temp_path $WORK/nginx_tmp/fastcgi;
-  uwsgi_temp_path $WORK/nginx_tmp/uwsgi;
-  scgi_temp_path $WORK/nginx_tmp/scgi;
-  keepalive_requests 1000000;
-  upstream mock {
-    server 127.0.0.1:$3;
-    keepalive 64;
-    keepalive_requests 1000000;
-  }
-  server {
-    listen 127.0.0.1:$2$ssl;
-    location / {
-      proxy_pass $upstream_scheme://mock/api/v3/;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      $proxy_ssl
-    }
-  }
-}
-EOF
+  local tls=()
+  [ "$1" = tls ] && tls=("$WORK/cert.pem" "$WORK/key.pem")
+  nginx_conf "$WORK/nginx.conf" "$2" "$3" on $((IDLE_CONNS + 4096)) "${tls[@]}"
   taskset -c "$PROXY_CPU" "$NGINX_BIN" -e "$WORK/nginx_error.log" -p "$WORK" -c "$WORK/nginx.conf" \
     >"$WORK/nginx.log" 2>&1 &
   local master=$! worker="" i
@@ -264,3 +225,4 @@ fi
 echo
 echo "### Per-core cost ($(date -u +%Y-%m-%dT%H:%MZ), $ROUNDS rounds, medians; proxy on CPU $PROXY_CPU, wrk + mock on CPU $LOAD_CPU)"
 python3 "$ROOT/benches/percore_report.py" "${RESULTS[@]}"
+[ -z "${RESULTS_FILE:-}" ] || printf '%s\n' "${RESULTS[@]}" >"$RESULTS_FILE"

@@ -3,7 +3,9 @@
 Arguments: one "shape variant rps cpu_pct p50_us p99_us hwm_kib" string per run, and one
 "idle variant rss_before_kib rss_idle_kib still_open" string per idle test. CPU µs per request is
 the proxy's CPU share over the 64-connection run divided by the requests it served; each figure is
-the median over the rounds, with the min–max spread of the CPU cost.
+the median over the rounds, with the min–max spread of the CPU cost. The ratios are paired: the
+median, over the rounds, of the ratio between two targets measured a few seconds apart in the same
+round, which cancels most of a shared machine's drift.
 """
 
 import statistics
@@ -31,13 +33,18 @@ def main(args):
         def lat_of(name, i):
             return med([r[i] for r in targets[name]]) if name in targets else None
 
+        def paired(name, ref):
+            pairs = [a[0] / b[0] for a, b in zip(targets.get(name, []), targets.get(ref, []))
+                     if a[0] is not None and b[0] is not None]
+            return med(pairs) if pairs else None
+
         bare, nginx = cpu_of("bare"), cpu_of("nginx")
         d50, d99 = lat_of("direct", 2), lat_of("direct", 3)
         print()
         print(f"**{shape}**")
         print()
-        print("| target | CPU µs per request (median; min–max) | ÷ bare Pingora | ÷ nginx "
-              "| req/s per core | ÷ nginx | added p50 at 1 conn (µs) | added p99 at 1 conn (µs) "
+        print("| target | CPU µs per request (median; min–max) | ÷ bare Pingora (paired) "
+              "| ÷ nginx (paired) | req/s per core | ÷ nginx (paired) | added p50 at 1 conn (µs) | added p99 at 1 conn (µs) "
               "| peak RSS, 64 conns (MiB) |")
         print("|---|---|---|---|---|---|---|---|---|")
         for name, rs in targets.items():
@@ -50,9 +57,10 @@ def main(args):
                 continue
             us = [r[0] for r in rs if r[0] is not None]
             per_core = 1e6 / m
-            rb = f"{m / bare:.2f}×" if bare else "—"
-            rn = f"{m / nginx:.2f}×" if nginx else "—"
-            rc = f"{per_core / (1e6 / nginx):.2f}×" if nginx else "—"
+            to_bare, to_nginx = paired(name, "bare"), paired(name, "nginx")
+            rb = f"{to_bare:.2f}×" if to_bare else "—"
+            rn = f"{to_nginx:.2f}×" if to_nginx else "—"
+            rc = f"{1 / to_nginx:.2f}×" if to_nginx else "—"
             hwm = max(r[4] for r in rs) / 1024.0
             print(f"| {name} | {m:.1f} ({min(us):.1f}–{max(us):.1f}) | {rb} | {rn} "
                   f"| {per_core:,.0f} | {rc} | {added} | {hwm:.1f} |")

@@ -27,11 +27,7 @@ BODY=$ROOT/benches/load_body.json
 
 command -v valgrind >/dev/null 2>&1 || apt_install valgrind
 command -v wrk >/dev/null 2>&1 || apt_install wrk
-cargo build --release --quiet --bin arkgate --example mock_upstream --example bare_pingora ||
-  die "release build failed"
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-REL=$TARGET_DIR/release
+cargo_release --bin arkgate --example mock_upstream --example bare_pingora
 
 WORK=$(mktemp -d /tmp/arkgate-profile.XXXXXX)
 STARTED=()
