@@ -225,7 +225,15 @@ impl ProxyBuilder {
         let dir = tempfile::tempdir().expect("temp dir for the proxy");
         let at = self.free_listeners();
         let (addr, tls_addr, admin_addr) = (at.addr, at.tls_addr, at.admin_addr);
-        let yaml = self.render(&at, dir.path());
+        // In-process proxies run on Pingora's work-stealing runtime. Its single-threaded
+        // runtimes (arkgate's default) find their handles through a thread-local keyed by
+        // recycled thread ids, so a test process that starts and stops many servers would hand
+        // a new server's connections to an earlier server's stopped runtime. One server per
+        // process is unaffected: the tests that run the real binary (`common::process`) keep
+        // the default.
+        let yaml =
+            self.render(&at, dir.path())
+                .replacen("server: {", "server: {work_stealing: true, ", 1);
         std::fs::write(dir.path().join("arkgate.yaml"), &yaml).expect("write config");
 
         let cfg = arkgate::Config::from_yaml(&yaml)
