@@ -46,9 +46,11 @@ impl Listener {
     /// Plain listeners read straight into the HTTP layer's own buffer: a buffer below it would
     /// only add a copy, and it stays allocated while a keep-alive client is idle.
     pub const DEFAULT_PLAIN_READ_BUFFER: usize = 0;
-    /// TLS listeners keep Pingora's 64 KiB: the TLS layer reads record by record and a buffer
-    /// below it saves system calls.
-    pub const DEFAULT_TLS_READ_BUFFER: usize = 64 * 1024;
+    /// TLS listeners keep a buffer of one full TLS record (16 KiB): OpenSSL reads a record's
+    /// header and then its body, and the buffer turns those into one system call. Pingora's
+    /// 64 KiB default is zeroed at accept and, with mimalloc, stays resident for as long as the
+    /// connection is open, idle or not.
+    pub const DEFAULT_TLS_READ_BUFFER: usize = 16 * 1024 + 256;
     /// Largest `read_buffer_bytes` accepted.
     const MAX_READ_BUFFER: usize = 1 << 20;
 }
@@ -133,7 +135,7 @@ mod tests {
         )
         .expect("valid");
         let sizes: Vec<usize> = c.listeners.iter().map(|l| l.read_buffer_bytes).collect();
-        assert_eq!(sizes, [0, 64 * 1024, 16384]);
+        assert_eq!(sizes, [0, 16 * 1024 + 256, 16384]);
         let e = err("listen: [{addr: \"127.0.0.1:1\", read_buffer_bytes: 2000000}]\n");
         assert_eq!(
             e,
