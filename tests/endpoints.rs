@@ -683,15 +683,17 @@ async fn warm_up_over_http2_opens_one_connection_per_address() {
     let started = Instant::now();
     assert_eq!(h1(addr, "GET", "/models", &[], b"").await.status, 200);
     let warm_first = started.elapsed();
-    // Started 10 ms apart (Pingora pops a connection while it opens a stream on it, so a request
-    // in that very instant would dial another); all four are in flight together.
+    // Each starts once the mock holds the one before (Pingora pops a connection while it opens a
+    // stream on it, so a request in that very instant would dial another; once the stream's
+    // headers reach the mock the connection is back in the pool); all four are in flight together.
     let mut concurrent = Vec::new();
-    for _ in 0..4 {
+    for i in 0..4 {
         concurrent.push(tokio::spawn(async move {
             post_json(addr, "/chat/completions", "{}").await.status
         }));
-        tokio::time::sleep(ms(10)).await;
+        assert!(a.wait_for_requests(3 + i, Duration::from_secs(5)).await);
     }
+    assert_eq!(a.request_count(), 6, "all four are in flight at once");
     for c in concurrent {
         assert_eq!(c.await.expect("request"), 200);
     }
