@@ -42,14 +42,9 @@ cargo_release --bin arkgate --example mock_upstream
 ARKGATE=$REL/arkgate
 MOCK=$REL/examples/mock_upstream
 
-WORK=$(mktemp -d /tmp/arkgate-features.XXXXXX)
-STARTED=()
-trap stop_all EXIT
-
-MOCK_PORT=$(free_port)
-taskset -c "$LOAD_CPU" "$MOCK" --port "$MOCK_PORT" >"$WORK/mock.log" 2>&1 &
-STARTED+=($!)
-wait_port "$MOCK_PORT" "$!" mock
+bench_workdir features
+start_mock mock
+MOCK_PORT=$PORT
 REDIS_PORT=$(free_port)
 taskset -c "$LOAD_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
   >"$WORK/redis.log" 2>&1 &

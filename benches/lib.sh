@@ -1,5 +1,6 @@
 # Shell helpers shared by the load scripts in benches/ (sourced, not run). They expect $WORK (a
-# temp dir), $LOAD_CPU, $LUA and a STARTED=() array of PIDs to stop on exit.
+# temp dir), $LOAD_CPU, $LUA and a STARTED=() array of PIDs to stop on exit (bench_workdir sets
+# up the first and the last).
 
 log() { printf '== %s\n' "$*" >&2; }
 die() {
@@ -34,6 +35,24 @@ wait_port() { # port pid name: polls a connect until it succeeds; fails if the p
     sleep 0.05
   done
   die "$3 did not listen on $1"
+}
+
+# bench_workdir name: a fresh temp dir in $WORK, no PIDs in STARTED yet, all stopped on exit.
+bench_workdir() {
+  WORK=$(mktemp -d "/tmp/arkgate-$1.XXXXXX")
+  STARTED=()
+  trap stop_all EXIT
+}
+
+# start_mock name [mock args...]: $MOCK (the mock upstream) on a free port on CPU $LOAD_CPU,
+# logging to $WORK/name.log; sets PORT.
+start_mock() {
+  local name=$1
+  shift
+  PORT=$(free_port)
+  taskset -c "$LOAD_CPU" "$MOCK" --port "$PORT" "$@" >"$WORK/$name.log" 2>&1 &
+  STARTED+=($!)
+  wait_port "$PORT" "$!" "$name"
 }
 
 cpu_ticks() { # comma-separated pids: utime+stime of all their threads, in clock ticks

@@ -67,23 +67,16 @@ ARKGATE=$REL/arkgate
 MOCK=$REL/examples/mock_upstream
 BARE=$REL/examples/bare_pingora
 
-WORK=$(mktemp -d /tmp/arkgate-percore.XXXXXX)
-STARTED=()
-trap stop_all EXIT
+bench_workdir percore
 
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
   -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null || die "openssl req failed"
 
 declare -A MOCK_PORT
-MOCK_PORT[plain]=$(free_port)
-taskset -c "$LOAD_CPU" "$MOCK" --port "${MOCK_PORT[plain]}" >"$WORK/mock_plain.log" 2>&1 &
-STARTED+=($!)
-wait_port "${MOCK_PORT[plain]}" "$!" mock_plain
-MOCK_PORT[tls]=$(free_port)
-taskset -c "$LOAD_CPU" "$MOCK" --port "${MOCK_PORT[tls]}" --tls-cert "$WORK/cert.pem" \
-  --tls-key "$WORK/key.pem" >"$WORK/mock_tls.log" 2>&1 &
-STARTED+=($!)
-wait_port "${MOCK_PORT[tls]}" "$!" mock_tls
+start_mock mock_plain
+MOCK_PORT[plain]=$PORT
+start_mock mock_tls --tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem"
+MOCK_PORT[tls]=$PORT
 
 # start_target variant shape port: starts it on 127.0.0.1:port, sets PIDS (comma-separated).
 start_target() {

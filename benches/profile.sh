@@ -29,14 +29,10 @@ command -v valgrind >/dev/null 2>&1 || apt_install valgrind
 command -v wrk >/dev/null 2>&1 || apt_install wrk
 cargo_release --bin arkgate --example mock_upstream --example bare_pingora
 
-WORK=$(mktemp -d /tmp/arkgate-profile.XXXXXX)
-STARTED=()
-trap stop_all EXIT
-
-MOCK_PORT=$(free_port)
-taskset -c "$LOAD_CPU" "$REL/examples/mock_upstream" --port "$MOCK_PORT" >"$WORK/mock.log" 2>&1 &
-STARTED+=($!)
-wait_port "$MOCK_PORT" "$!" mock
+MOCK=$REL/examples/mock_upstream
+bench_workdir profile
+start_mock mock
+MOCK_PORT=$PORT
 
 mock_requests() { curl -sf "http://127.0.0.1:$MOCK_PORT/__stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])'; }
 
