@@ -17,19 +17,12 @@
 //! `--upstream-tls` the upstream is reached over TLS (certificate not verified: a bench mock).
 
 use async_trait::async_trait;
-
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 use pingora::upstreams::peer::HttpPeer;
+
+arkgate::global_allocator!();
 
 /// The forwarder: one upstream address and one path prefix.
 struct Bare {

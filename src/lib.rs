@@ -58,3 +58,21 @@ pub mod transform;
 pub mod upstream;
 
 pub use config::{Config, ConfigError};
+
+/// Installs the build's global allocator in a binary: mimalloc (the `mimalloc` feature, the
+/// default) keeps Pingora's per-response 64 KiB body buffer in a thread-local page, where the
+/// system allocator takes it from a shared arena (README, Performance); jemalloc when built with
+/// `--no-default-features --features jemalloc`; the system allocator with neither. A macro, not a
+/// static here, so that test binaries can install an allocator of their own.
+#[macro_export]
+macro_rules! global_allocator {
+    () => {
+        #[cfg(feature = "mimalloc")]
+        #[global_allocator]
+        static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+        #[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+        #[global_allocator]
+        static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+    };
+}

@@ -6,16 +6,7 @@ use std::process::ExitCode;
 use arkgate::cli::{Cli, Command, RunArgs};
 use clap::Parser;
 
-/// The allocator: mimalloc keeps Pingora's per-response 64 KiB body buffer in a thread-local
-/// page, where the system allocator takes it from a shared arena (README, Performance).
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// jemalloc, when chosen instead (`--no-default-features --features jemalloc`).
-#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+arkgate::global_allocator!();
 
 /// Exit status for an unusable configuration (EX_USAGE / EX_CONFIG family, as sysexits uses).
 const EXIT_BAD_CONFIG: u8 = 64;
