@@ -6,6 +6,8 @@
 //! OpenAI-style JSON errors.
 //!
 //! # Layout
+//! - [`alloc`]: the binary's global allocator (mimalloc, called through its plain `malloc` where
+//!   the alignment allows).
 //! - [`cli`]: the command line: the gateway's run flags (handed to Pingora) and the subcommands.
 //! - [`bench`]: `arkgate bench`, a load generator for chat completions endpoints (baseline
 //!   mode, JSON reports, `bench compare`); only that subcommand reaches it.
@@ -39,6 +41,8 @@
 //! - [`store`]: the one Redis client shared by every feature with a Redis backend.
 
 pub mod admin;
+#[cfg(feature = "mimalloc")]
+pub mod alloc;
 pub mod bench;
 pub mod cache;
 pub mod cli;
@@ -69,7 +73,7 @@ macro_rules! global_allocator {
     () => {
         #[cfg(feature = "mimalloc")]
         #[global_allocator]
-        static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+        static ALLOCATOR: $crate::alloc::MiMalloc = $crate::alloc::MiMalloc;
 
         #[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
         #[global_allocator]
