@@ -27,6 +27,31 @@ fn natural(size: usize, align: usize) -> bool {
     align <= NATURAL_ALIGN && size.is_multiple_of(align)
 }
 
+/// A block for `layout` from `plain(size)` where its blocks are aligned enough (see `natural`),
+/// else from `aligned(size, align)`.
+///
+/// # Safety
+/// `plain` and `aligned` are a mimalloc allocation pair (`mi_malloc`/`mi_malloc_aligned` or
+/// `mi_zalloc`/`mi_zalloc_aligned`); `layout` has a non-zero size (the `GlobalAlloc` contract).
+#[allow(unsafe_code)]
+#[inline]
+unsafe fn allocate(
+    layout: Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let (size, align) = (layout.size(), layout.align());
+    // SAFETY: a size and a power-of-two alignment from a valid `Layout`, as both functions need.
+    let block = unsafe {
+        if natural(size, align) {
+            plain(size)
+        } else {
+            aligned(size, align)
+        }
+    };
+    block.cast()
+}
+
 // SAFETY: each method forwards to the mimalloc function with the same contract (a block of at
 // least `size` bytes aligned to `layout.align()`, or null), choosing the unaligned one only where
 // its blocks are known to satisfy the alignment (see `natural`); `dealloc` and `realloc` receive
@@ -35,28 +60,14 @@ fn natural(size: usize, align: usize) -> bool {
 unsafe impl GlobalAlloc for MiMalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        // SAFETY: FFI calls with sizes and a power-of-two alignment from a valid `Layout`.
-        unsafe {
-            if natural(size, align) {
-                mi::mi_malloc(size).cast()
-            } else {
-                mi::mi_malloc_aligned(size, align).cast()
-            }
-        }
+        // SAFETY: mimalloc's allocation functions, called as `allocate` documents.
+        unsafe { allocate(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        // SAFETY: as in `alloc`.
-        unsafe {
-            if natural(size, align) {
-                mi::mi_zalloc(size).cast()
-            } else {
-                mi::mi_zalloc_aligned(size, align).cast()
-            }
-        }
+        // SAFETY: as in `alloc`, with the zeroing pair.
+        unsafe { allocate(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
     }
 
     #[inline]
