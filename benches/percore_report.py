@@ -38,7 +38,6 @@ def main(args):
                      if a[0] is not None and b[0] is not None]
             return med(pairs) if pairs else None
 
-        bare, nginx = cpu_of("bare"), cpu_of("nginx")
         d50, d99 = lat_of("direct", 2), lat_of("direct", 3)
         print()
         print(f"**{shape}**")

@@ -94,6 +94,15 @@ pub fn start_proxy(yaml_extra: &str, upstream_base_url: &str) -> Proxy {
     proxy(upstream_base_url).yaml(yaml_extra).start()
 }
 
+/// Which of Pingora's runtimes a rendered config asks for.
+#[derive(Clone, Copy)]
+enum Runtime {
+    /// arkgate's default (`work_stealing` left unset).
+    Default,
+    /// The work-stealing runtime.
+    Stealing,
+}
+
 impl ProxyBuilder {
     /// Sets `upstream.<key>` to a YAML value (replacing an earlier setting).
     pub fn upstream(mut self, key: &str, yaml_value: &str) -> ProxyBuilder {
@@ -182,6 +191,11 @@ impl ProxyBuilder {
 
     /// The YAML for listeners `at`, with the pid file and upgrade socket in `dir`.
     pub fn render(&self, at: &Listeners, dir: &std::path::Path) -> String {
+        self.render_for(at, dir, Runtime::Default)
+    }
+
+    /// [`render`](Self::render), with `server.work_stealing: true` for [`Runtime::Stealing`].
+    fn render_for(&self, at: &Listeners, dir: &std::path::Path, runtime: Runtime) -> String {
         let mut yaml = format!(
             "listen:\n  - {{addr: \"{}\", h2c: {}}}\n",
             at.addr, self.h2c
@@ -203,7 +217,11 @@ impl ProxyBuilder {
         }
         let path = |name: &str| yaml_str(dir.join(name).to_str().expect("UTF-8 path"));
         yaml += &format!(
-            "server: {{threads: {}, pid_file: {}, upgrade_sock: {}, grace_period_seconds: {}, graceful_shutdown_timeout_seconds: {}}}\n",
+            "server: {{{}threads: {}, pid_file: {}, upgrade_sock: {}, grace_period_seconds: {}, graceful_shutdown_timeout_seconds: {}}}\n",
+            match runtime {
+                Runtime::Default => "",
+                Runtime::Stealing => "work_stealing: true, ",
+            },
             self.threads,
             path("arkgate.pid"),
             path("upgrade.sock"),
@@ -231,9 +249,7 @@ impl ProxyBuilder {
         // a new server's connections to an earlier server's stopped runtime. One server per
         // process is unaffected: the tests that run the real binary (`common::process`) keep
         // the default.
-        let yaml =
-            self.render(&at, dir.path())
-                .replacen("server: {", "server: {work_stealing: true, ", 1);
+        let yaml = self.render_for(&at, dir.path(), Runtime::Stealing);
         std::fs::write(dir.path().join("arkgate.yaml"), &yaml).expect("write config");
 
         let cfg = arkgate::Config::from_yaml(&yaml)
